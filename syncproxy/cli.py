@@ -1,0 +1,245 @@
+"""The `syncproxy` command line. Serving is the default command: `syncproxy --port 444`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .datadir import DataDir, DataDirError
+from .settings import OPTIONS, LoadedSettings, SettingsError, convert_cli_value, load_settings
+from .tls import CertificateError, CertificatePaths, ensure_generated, trust_anchor_pem
+from .users import UserError, UserStore
+
+COMMANDS = ("serve", "user", "cert", "config", "health")
+
+
+class CommandError(Exception):
+    """A command failed in a way the user can fix; the message says how."""
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every option in the settings table; unset flags stay out of the result."""
+    group = parser.add_argument_group("settings (each also SYNCPROXY_<NAME> or a TOML key)")
+    group.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                       help="TOML settings file (default: SYNCPROXY_CONFIG, then "
+                            "syncproxy.toml in the data directory)")
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS,
+                                  "help": f"{option.help} [{option.env}]"}
+        if option.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif option.kind == "list":
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(option.kind, str)
+        if option.choices:
+            kwargs["choices"] = option.choices
+        group.add_argument(option.flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    _add_option_flags(options)
+
+    parser = argparse.ArgumentParser(
+        prog="syncproxy",
+        description="HTTP/1.1-only TLS front end and bundled sync server for Anki.",
+        epilog="Without a command, syncproxy serves: 'syncproxy --port 444'.",
+    )
+    parser.add_argument("--version", action="version", version=f"syncproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    commands.add_parser("serve", parents=[options], help="run the front end and the sync core")
+
+    user = commands.add_parser("user", help="add, list, remove users or change passwords")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    for action, help_text in (("add", "add a user"), ("passwd", "change a user's password")):
+        sub = user_commands.add_parser(action, parents=[options], help=help_text)
+        sub.add_argument("name")
+        sub.add_argument("--password-stdin", action="store_true",
+                         help="read the password from the first line of standard input")
+    user_commands.add_parser("list", parents=[options], help="list users")
+    sub = user_commands.add_parser("remove", parents=[options], help="remove a user")
+    sub.add_argument("name")
+
+    cert = commands.add_parser("cert", help="certificate tools")
+    cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    cert_commands.add_parser("pem", parents=[options],
+                             help="print the PEM certificate clients must trust")
+
+    config = commands.add_parser("config", help="show or check settings")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION",
+                                            required=True)
+    config_commands.add_parser("show", parents=[options],
+                               help="print every effective setting and where it came from")
+    sub = config_commands.add_parser("check", help="validate a TOML settings file")
+    sub.add_argument("file", type=Path)
+
+    commands.add_parser("health", parents=[options],
+                        help="exit 0 if the local server is healthy (for container checks)")
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["serve", *argv]
+    return build_parser().parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> LoadedSettings:
+    cli_values = {
+        option.name: convert_cli_value(option, getattr(args, option.name))
+        for option in OPTIONS if hasattr(args, option.name)
+    }
+    return load_settings(cli_values, cli_config=getattr(args, "config", None))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request URL at INFO, and a legacy media URL carries the host key.
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise CommandError("the two passwords differ; nothing was changed")
+    if not password:
+        raise CommandError("the password is empty; nothing was changed")
+    return password
+
+
+def command_user(args: argparse.Namespace, settings: Any) -> int:
+    data_dir = DataDir(settings.data_dir)
+    store = UserStore(data_dir.users_file)
+    if args.user_command == "add":
+        from .users import validate_name
+        validate_name(args.name)
+        store.add(args.name, read_password(args))
+        print(f"added user {args.name}; a running server picks it up within seconds")
+    elif args.user_command == "passwd":
+        store.set_password(args.name, read_password(args))
+        print(f"changed the password of {args.name}; its devices must log in again")
+    elif args.user_command == "remove":
+        store.remove(args.name)
+        print(f"removed user {args.name}; its collection stays in {data_dir.collections}")
+    elif args.user_command == "list":
+        users = store.load()
+        if not users:
+            print("no users; add one with: syncproxy user add NAME")
+        for name in sorted(users):
+            print(name)
+    return 0
+
+
+def command_cert(args: argparse.Namespace, settings: Any) -> int:
+    if settings.cert:
+        paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
+                                 source="files")
+    else:
+        data_dir = DataDir(settings.data_dir)
+        data_dir.prepare()
+        paths = ensure_generated(data_dir.tls_dir, tuple(settings.hostname))
+    sys.stdout.write(trust_anchor_pem(paths).decode("ascii"))
+    return 0
+
+
+def command_config(args: argparse.Namespace, loaded: LoadedSettings | None) -> int:
+    if args.config_command == "check":
+        from .settings import read_config_file
+        values = read_config_file(args.file)
+        print(f"{args.file}: valid, {len(values)} setting(s)")
+        return 0
+    assert loaded is not None
+    width = max(len(option.name) for option in OPTIONS)
+    for option in OPTIONS:
+        value = getattr(loaded.settings, option.name)
+        shown = "********" if option.secret and value else _format_value(value)
+        print(f"{option.name:<{width}}  {shown:<28}  {loaded.sources[option.name]}")
+    return 0
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "(none)"
+    if value is None or value == "":
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def command_health(settings: Any) -> int:
+    host = settings.host
+    if host in ("0.0.0.0", "", "*"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.tls else "http"
+    url = f"{scheme}://{host}:{settings.port}{settings.health_path}"
+    # The check runs on the server's own machine, so it verifies liveness, not the certificate.
+    context = ssl._create_unverified_context() if settings.tls else None
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            print(response.read().decode("utf-8", "replace").strip())
+            return 0
+    except urllib.error.HTTPError as error:
+        print(f"unhealthy: {error.code} {error.read().decode('utf-8', 'replace').strip()}")
+    except (urllib.error.URLError, OSError) as error:
+        print(f"unhealthy: cannot reach {url}: {getattr(error, 'reason', error)}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        loaded = None
+        if not (args.command == "config" and args.config_command == "check"):
+            loaded = settings_from(args)
+        settings = loaded.settings if loaded else None
+        if args.command == "serve":
+            setup_logging(settings.log_level)
+            from .server import run
+            return asyncio.run(run(settings))
+        setup_logging("warning")
+        if args.command == "user":
+            return command_user(args, settings)
+        if args.command == "cert":
+            return command_cert(args, settings)
+        if args.command == "config":
+            return command_config(args, loaded)
+        if args.command == "health":
+            return command_health(settings)
+    except (SettingsError, UserError, DataDirError, CertificateError, CommandError) as error:
+        print(f"syncproxy: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"syncproxy: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

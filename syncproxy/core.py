@@ -1,0 +1,214 @@
+"""Run and supervise the bundled sync core (`python -m anki.syncserver`).
+
+The core listens on 127.0.0.1 only, on a free port, with its data under the data directory's
+`collections/`. Users reach it as `SYNC_USERn=name:phc` with `PASSWORDS_HASHED` set, so the
+plaintext passwords never exist outside the login request itself.
+
+Facts about the core that shape this module (anki 26.9):
+- SIGINT stops it gracefully; SIGTERM and SIGHUP kill it at once. After SIGINT the Python wrapper
+  still exits non-zero, so the exit status says nothing about a clean stop.
+- It exits at once with no users, and a second core on the same SYNC_BASE fails with "Locked".
+- `GET /health` answers 200 once it accepts requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from .users import User, check_phc
+
+log = logging.getLogger("syncproxy.core")
+core_output = logging.getLogger("syncproxy.core.output")
+
+READY_TIMEOUT = 60.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+# A core that has run this long is considered healthy again, so its backoff starts over.
+STABLE_AFTER = 60.0
+
+
+class CoreError(RuntimeError):
+    """The sync core could not be started."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def core_environment(
+    users: Sequence[User], base: Path, port: int, max_payload_mb: int
+) -> dict[str, str]:
+    """Return the environment the sync core is started with."""
+    environment = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("SYNC_", "SYNCPROXY_", "MAX_SYNC_", "PASSWORDS_HASHED"))
+    }
+    environment.update({
+        "SYNC_HOST": "127.0.0.1",
+        "SYNC_PORT": str(port),
+        "SYNC_BASE": str(base),
+        "PASSWORDS_HASHED": "1",
+        # The front end replaces X-Forwarded-For with the client's address on every request, so
+        # the rightmost entry is the real client.
+        "SYNC_IP_HEADER": "RightmostXForwardedFor",
+        "MAX_SYNC_PAYLOAD_MEGS": str(max_payload_mb),
+        "NO_COLOR": "1",
+        "RUST_LOG": os.environ.get("RUST_LOG", "anki=info"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    for number, user in enumerate(sorted(users, key=lambda user: user.name), start=1):
+        check_phc(user.phc)
+        environment[f"SYNC_USER{number}"] = f"{user.name}:{user.phc}"
+    return environment
+
+
+class SyncCore:
+    """One sync core child process, restarted with backoff when it exits on its own."""
+
+    def __init__(
+        self, base: Path, max_payload_mb: int, port: int = 0, stop_timeout: float = 10.0
+    ) -> None:
+        self.base = Path(base)
+        self.max_payload_mb = max_payload_mb
+        self.fixed_port = port
+        self.stop_timeout = stop_timeout
+        self.port: int | None = None
+        self.restarts = 0
+        self._users: tuple[User, ...] = ()
+        self._process: asyncio.subprocess.Process | None = None
+        self._relay_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._stopping = False
+        self._ready = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.running
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.ready
+
+    async def start(self, users: Sequence[User]) -> None:
+        """Start the core with these users and wait until it answers /health."""
+        self._users = tuple(users)
+        self._stopping = False
+        await self._spawn()
+        self._watch_task = asyncio.create_task(self._watch(), name="core-watch")
+
+    async def _spawn(self) -> None:
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.port = self.fixed_port or free_loopback_port()
+        environment = core_environment(self._users, self.base, self.port, self.max_payload_mb)
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "anki.syncserver",
+            env=environment,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches syncproxy, not the core
+        )
+        log.info("sync core starting pid=%d port=%d users=%d", self._process.pid, self.port,
+                 len(self._users))
+        self._relay_task = asyncio.create_task(self._relay(self._process), name="core-output")
+        await self._wait_healthy(self._process)
+
+    async def _relay(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                core_output.info("core: %s", text)
+
+    async def _wait_healthy(self, process: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if process.returncode is not None:
+                    raise CoreError(f"sync core exited with status {process.returncode} during "
+                                    "start; its output is above")
+                with contextlib.suppress(httpx.TransportError):
+                    response = await client.get(f"{self.url}/health")
+                    if response.status_code == 200:
+                        self._ready.set()
+                        log.info("sync core ready pid=%d port=%d", process.pid, self.port)
+                        return
+                await asyncio.sleep(0.1)
+        raise CoreError(f"sync core did not answer /health within {READY_TIMEOUT:g} s")
+
+    async def _watch(self) -> None:
+        """Restart the core with exponential backoff whenever it exits unexpectedly."""
+        backoff = BACKOFF_FIRST
+        while not self._stopping:
+            process = self._process
+            assert process is not None
+            started = time.monotonic()
+            status = await process.wait()
+            if self._stopping or process is not self._process:
+                return
+            self._ready.clear()
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff = BACKOFF_FIRST
+            log.warning("sync core exited status=%s restart_in=%.1fs", status, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if self._stopping:
+                return
+            try:
+                self.restarts += 1
+                await self._spawn()
+            except (CoreError, OSError) as error:
+                log.error("sync core restart failed error=%r", str(error))
+
+    async def restart(self, users: Sequence[User]) -> None:
+        """Stop the core and start it again with a new user list."""
+        await self.stop()
+        self.restarts += 1
+        await self.start(users)
+
+    async def stop(self) -> None:
+        """Stop the core with SIGINT, killing it if it has not exited after the grace period."""
+        self._stopping = True
+        self._ready.clear()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_timeout)
+            except asyncio.TimeoutError:
+                log.warning("sync core ignored SIGINT for %.0fs, killing it pid=%d",
+                            self.stop_timeout, process.pid)
+                process.kill()
+                await process.wait()
+            log.info("sync core stopped pid=%d", process.pid)
+        if self._relay_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay_task
+            self._relay_task = None

@@ -1,0 +1,101 @@
+"""Hold new syncs while the sync core restarts, so that clients see a short wait, not an error.
+
+The sync core reads its users only at start, so a user change means a restart. A normal sync is
+several requests (`/sync/start` ... `/sync/finish`) inside one core transaction, and a restart in
+the middle makes the client's next call fail with 409. The gate therefore tracks sync sessions by
+host key: while it is closed, requests that belong to a session already under way still pass, new
+ones wait, and the restart begins once nothing is in flight.
+
+NOTE: legacy (multipart, protocol v8-v10) requests carry the host key in the body, which the gate
+does not read; such a sync caught by a restart fails once and succeeds when the client retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+log = logging.getLogger("syncproxy.gate")
+
+# A session whose client has sent nothing for this long has been abandoned.
+SESSION_IDLE_SECONDS = 60.0
+
+SESSION_OPENERS = frozenset({"/sync/start", "/msync/begin"})
+SESSION_CLOSERS = frozenset({"/sync/finish", "/sync/abort", "/msync/mediaSanity"})
+
+
+class GateTimeout(Exception):
+    """A request waited longer than allowed for the gate to open."""
+
+
+class RequestGate:
+    """Admit requests to the upstream, or hold new ones while exclusive work runs."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._changed = asyncio.Event()
+        self._active = 0
+        self._sessions: dict[str, float] = {}
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def open_sessions(self) -> int:
+        self._expire_sessions()
+        return len(self._sessions)
+
+    def _expire_sessions(self) -> None:
+        cutoff = time.monotonic() - SESSION_IDLE_SECONDS
+        for key in [key for key, seen in self._sessions.items() if seen < cutoff]:
+            del self._sessions[key]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def admit(self, host_key: str, path: str, wait_limit: float) -> AsyncIterator[None]:
+        """Hold the request while the gate is closed, unless its session is already under way."""
+        in_session = bool(host_key) and host_key in self._sessions
+        if not self._open.is_set() and not in_session:
+            try:
+                await asyncio.wait_for(self._open.wait(), wait_limit)
+            except asyncio.TimeoutError:
+                raise GateTimeout from None
+
+        if host_key:
+            if path in SESSION_OPENERS or in_session:
+                self._sessions[host_key] = time.monotonic()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if host_key and path in SESSION_CLOSERS:
+                self._sessions.pop(host_key, None)
+            self._notify()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, reason: str) -> AsyncIterator[None]:
+        """Close the gate, wait until no request or session is in flight, run, then reopen."""
+        self._open.clear()
+        started = time.monotonic()
+        log.info("holding new syncs reason=%r active=%d sessions=%d", reason, self._active,
+                 self.open_sessions())
+        try:
+            while self._active or self.open_sessions():
+                changed = self._changed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+            log.info("syncs drained reason=%r waited_ms=%d", reason,
+                     (time.monotonic() - started) * 1000)
+            yield
+        finally:
+            self._open.set()
+            log.info("resuming syncs reason=%r held_ms=%d", reason,
+                     (time.monotonic() - started) * 1000)

@@ -1,0 +1,307 @@
+"""The ASGI app that forwards sync requests to the upstream, streaming both ways.
+
+Bodies are never held in memory: the request body goes to the upstream as it arrives from the
+client, and the response body goes back as it arrives from the upstream, byte for byte
+(`aiter_raw`, so the zstd bodies of the sync protocol are never decoded). Only idle time is
+limited (no bytes moving), never a whole request, because a full upload on slow hardware can
+legitimately take minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import httpx
+
+from .gate import GateTimeout, RequestGate
+from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
+
+log = logging.getLogger("syncproxy.proxy")
+access_log = logging.getLogger("syncproxy.access")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+SYNC_PREFIXES = ("/sync/", "/msync/")
+CORE_HEALTH_PATH = "/health"
+# How long a request may wait while the sync core restarts before it gets 503.
+GATE_WAIT_SECONDS = 120.0
+
+
+class Upstream(Protocol):
+    """Where requests go: the bundled sync core, or an existing sync server."""
+
+    @property
+    def url(self) -> str: ...
+
+    def unavailable_reason(self) -> str | None: ...
+
+
+class HostKeys(Protocol):
+    """The host keys that are currently valid, or None when the upstream decides alone."""
+
+    def valid_host_keys(self) -> frozenset[str] | None: ...
+
+
+class BodyTooLarge(Exception):
+    """The request body crossed the configured limit while it was being forwarded."""
+
+
+def header_value(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def sync_host_key(scope: Scope) -> str:
+    """Return the host key from the `anki-sync` header of the current protocol, or ''."""
+    raw = header_value(scope, b"anki-sync")
+    if not raw:
+        return ""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return ""
+    key = document.get("k") if isinstance(document, dict) else None
+    return key if isinstance(key, str) else ""
+
+
+class ProxyApp:
+    """Forward /sync/ and /msync/ requests to the upstream; answer the health check itself."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        gate: RequestGate,
+        host_keys: HostKeys,
+        *,
+        max_body_bytes: int,
+        connect_timeout: float,
+        idle_timeout: float,
+        health_path: str,
+        scheme: str,
+        health: Callable[[], tuple[bool, str]],
+    ) -> None:
+        self.upstream = upstream
+        self.gate = gate
+        self.host_keys = host_keys
+        self.max_body_bytes = max_body_bytes
+        self.health_path = health_path
+        self.scheme = scheme
+        self.health = health
+        self.client = httpx.AsyncClient(
+            trust_env=False,  # proxy variables in a container must not reroute the upstream
+            timeout=httpx.Timeout(connect=connect_timeout, read=idle_timeout,
+                                  write=idle_timeout, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            follow_redirects=False,
+        )
+        self.idle_timeout = idle_timeout
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+
+        exchange = Exchange(scope, receive, send)
+        try:
+            await self._handle(exchange)
+        finally:
+            exchange.log()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _handle(self, exchange: Exchange) -> None:
+        path = exchange.scope["path"]
+        if path == self.health_path:
+            healthy, detail = self.health()
+            await exchange.respond(200 if healthy else 503, detail + "\n")
+            return
+        if not (path.startswith(SYNC_PREFIXES) or path == CORE_HEALTH_PATH):
+            await exchange.respond(
+                404,
+                f"Not found: {path}\nThis is an Anki sync server. Set the client's sync server "
+                f"to the base URL {self.scheme}://{exchange.host()}/ (the client adds /sync/ "
+                f"and /msync/ itself).\n",
+            )
+            return
+
+        reason = self.upstream.unavailable_reason()
+        if reason:
+            await exchange.respond(503, f"Sync server unavailable: {reason}\n")
+            return
+
+        host_key = sync_host_key(exchange.scope)
+        valid = self.host_keys.valid_host_keys()
+        if host_key and valid is not None and host_key not in valid:
+            # The user was removed or its password changed: the key is dead even if the sync
+            # core has not restarted yet.
+            await exchange.respond(403, "Host key is not valid: log in to sync again.\n")
+            return
+
+        content_length = exchange.content_length()
+        if content_length is not None and content_length > self.max_body_bytes:
+            await exchange.respond_too_large(self.max_body_bytes)
+            return
+
+        try:
+            async with self.gate.admit(host_key, path, GATE_WAIT_SECONDS):
+                await self._forward(exchange)
+        except GateTimeout:
+            await exchange.respond(503, "Sync server is restarting; try again shortly.\n")
+
+    async def _forward(self, exchange: Exchange) -> None:
+        scope = exchange.scope
+        target = self.upstream.url + scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+
+        headers = end_to_end(scope["headers"], also_drop=FORWARDING_HEADERS | {b"host"})
+        headers += [
+            (b"x-forwarded-for", exchange.client_address().encode()),
+            (b"x-forwarded-proto", self.scheme.encode()),
+            (b"x-forwarded-host", exchange.host().encode("latin-1")),
+        ]
+        # Built directly, not with client.build_request: that would add httpx's own Accept,
+        # Accept-Encoding and User-Agent headers to what the client sent.
+        request = httpx.Request(
+            scope["method"], target, headers=headers, content=exchange.body(self.max_body_bytes)
+        )
+
+        try:
+            response = await self.client.send(request, stream=True)
+        except BodyTooLarge:
+            await exchange.respond_too_large(self.max_body_bytes)
+            return
+        except httpx.ConnectError as error:
+            log.warning("upstream unreachable url=%s error=%r", self.upstream.url, str(error))
+            await exchange.respond(502, f"Upstream unreachable: cannot connect to "
+                                        f"{self.upstream.url} ({error}).\n")
+            return
+        except httpx.TimeoutException:
+            await exchange.respond(504, f"Upstream timed out: no data from {self.upstream.url} "
+                                        f"for {self.idle_timeout:g} s "
+                                        f"(setting upstream_idle_timeout).\n")
+            return
+        except httpx.TransportError as error:
+            if exchange.client_gone:
+                return
+            log.warning("upstream failed url=%s error=%r", self.upstream.url, str(error))
+            await exchange.respond(502, f"Upstream failed: {type(error).__name__} from "
+                                        f"{self.upstream.url}; the sync core may have "
+                                        f"restarted, try again.\n")
+            return
+
+        try:
+            await exchange.start_response(
+                response.status_code, end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
+            )
+            async for chunk in response.aiter_raw():
+                await exchange.send_body(chunk)
+            await exchange.end_response()
+        finally:
+            await response.aclose()
+
+
+class Exchange:
+    """One request and its response, with the counters the access log needs."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.started = time.monotonic()
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.client_gone = False
+        self.response_started = False
+
+    def client_address(self) -> str:
+        client = self.scope.get("client")
+        return client[0] if client else "-"
+
+    def host(self) -> str:
+        value = header_value(self.scope, b"host")
+        return value.decode("latin-1") if value else "localhost"
+
+    def content_length(self) -> int | None:
+        value = header_value(self.scope, b"content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def body(self, limit: int) -> AsyncIterator[bytes]:
+        """Yield the request body as it arrives; raise BodyTooLarge past `limit` bytes."""
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                raise httpx.ReadError("client disconnected")
+            chunk = message.get("body", b"")
+            self.bytes_in += len(chunk)
+            if self.bytes_in > limit:
+                raise BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.response_started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def send_body(self, chunk: bytes) -> None:
+        self.bytes_out += len(chunk)
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def end_response(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def respond(self, status: int, text: str,
+                      extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+        body = text.encode("utf-8")
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            *extra_headers,
+        ]
+        await self.start_response(status, headers)
+        self.bytes_out += len(body)
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def respond_too_large(self, limit: int) -> None:
+        megabytes = limit // (1024 * 1024)
+        await self.respond(
+            413,
+            f"Request body too large: the limit is {megabytes} MiB. Raise it with the "
+            f"max_body_mb setting (--max-body-mb or SYNCPROXY_MAX_BODY_MB), which also sets "
+            f"the sync core's limit.\n",
+            [(b"connection", b"close")],
+        )
+
+    def log(self) -> None:
+        # The path only: a legacy media request carries the host key in its query string.
+        access_log.info(
+            "request client=%s method=%s path=%s status=%d in=%d out=%d ms=%d",
+            self.client_address(), self.scope["method"], self.scope["path"],
+            self.status, self.bytes_in, self.bytes_out,
+            (time.monotonic() - self.started) * 1000,
+        )

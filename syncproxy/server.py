@@ -1,0 +1,238 @@
+"""Wire the parts together and run until a signal stops syncproxy.
+
+    settings -> data directory -> users -> sync core (or --upstream) -> proxy app -> listener
+
+The users file is polled once a second; a change restarts the sync core when no sync is in
+flight (see `gate`), so `syncproxy user ...` works on a running server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+from .core import CoreError, SyncCore
+from .datadir import DataDir
+from .gate import RequestGate
+from .listener import Listener, hypercorn_config
+from .proxy import ProxyApp
+from .tls import CertificatePaths, create_server_context, ensure_generated
+from .users import User, UserError, UserStore
+
+log = logging.getLogger("syncproxy")
+
+USERS_POLL_SECONDS = 1.0
+
+
+class BundledCore:
+    """The sync core as the proxy's upstream, plus the users it was started with."""
+
+    def __init__(self, core: SyncCore, store: UserStore, gate: RequestGate) -> None:
+        self.core = core
+        self.store = store
+        self.gate = gate
+        self.users: dict[str, User] = {}
+        self._host_keys: frozenset[str] = frozenset()
+        self._signature: Any = None
+
+    @property
+    def url(self) -> str:
+        return self.core.url
+
+    def unavailable_reason(self) -> str | None:
+        if not self.users:
+            return ("no users yet. Add one on the server with 'syncproxy user add NAME'; "
+                    "it takes effect without a restart.")
+        if not self.core.ready:
+            return "the sync core is starting or restarting."
+        return None
+
+    def valid_host_keys(self) -> frozenset[str]:
+        return self._host_keys
+
+    def _load(self) -> dict[str, User]:
+        self._signature = self.store.signature()
+        return self.store.load()
+
+    async def start(self) -> None:
+        self.users = self._load()
+        self._host_keys = frozenset(user.host_key for user in self.users.values())
+        if self.users:
+            await self.core.start(list(self.users.values()))
+        else:
+            log.warning("no users yet; add one with: syncproxy user add NAME "
+                        "(the running server picks it up)")
+
+    async def watch_users(self) -> None:
+        """Apply changes to the users file while running."""
+        while True:
+            await asyncio.sleep(USERS_POLL_SECONDS)
+            if self.store.signature() == self._signature:
+                continue
+            try:
+                users = self._load()
+            except UserError as error:
+                log.error("users file unreadable, keeping the current users error=%r",
+                          str(error))
+                continue
+            if users == self.users:
+                continue
+            await self._apply(users)
+
+    async def _apply(self, users: dict[str, User]) -> None:
+        added = sorted(set(users) - set(self.users))
+        removed = sorted(set(self.users) - set(users))
+        changed = sorted(name for name in set(users) & set(self.users)
+                         if users[name] != self.users[name])
+        log.info("users changed added=%s removed=%s changed=%s", ",".join(added) or "-",
+                 ",".join(removed) or "-", ",".join(changed) or "-")
+        # Old host keys stop working at once; the core catches up when the restart is done.
+        self._host_keys = frozenset(user.host_key for user in users.values())
+        async with self.gate.exclusive("users changed"):
+            self.users = users
+            try:
+                if users:
+                    await self.core.restart(list(users.values()))
+                else:
+                    await self.core.stop()
+            except (CoreError, OSError) as error:
+                log.error("sync core restart after user change failed error=%r", str(error))
+
+    async def stop(self) -> None:
+        await self.core.stop()
+
+
+class ExternalUpstream:
+    """An existing sync server given with --upstream; it checks host keys itself."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def valid_host_keys(self) -> None:
+        return None
+
+
+class ServerTLS:
+    """The front end's current TLS context; `reload` swaps it for new handshakes."""
+
+    def __init__(self, paths: CertificatePaths) -> None:
+        self.paths = paths
+        self.context = create_server_context(paths)
+
+    def current(self) -> ssl.SSLContext:
+        return self.context
+
+    def reload(self) -> None:
+        self.context = create_server_context(self.paths)
+        log.info("certificate reloaded path=%s", self.paths.chain)
+
+
+def prepare_tls(settings: Any, data_dir: DataDir) -> ServerTLS | None:
+    if not settings.tls:
+        log.warning("tls disabled: serving plain http; only run this behind another TLS "
+                    "terminator, because passwords and host keys cross the network in clear")
+        return None
+    if settings.cert:
+        paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
+                                 source="files")
+    else:
+        paths = ensure_generated(data_dir.tls_dir, tuple(settings.hostname))
+    return ServerTLS(paths)
+
+
+def describe_trust(tls: ServerTLS | None, settings: Any) -> None:
+    if tls is None:
+        return
+    if tls.paths.source == "generated":
+        log.info("clients must trust the local CA ca=%s; print it with 'syncproxy cert pem' "
+                 "(AnkiDroid: Settings > Advanced > Custom sync server certificate)",
+                 tls.paths.ca)
+    else:
+        log.info("serving certificate cert=%s key=%s", settings.cert, settings.key)
+
+
+async def run(settings: Any) -> int:
+    """Serve until SIGINT or SIGTERM; return the process exit status."""
+    data_dir = DataDir(settings.data_dir)
+    data_dir.prepare()
+    log.info("data directory %s", " ".join(f"{name}={path}"
+                                          for name, path in data_dir.describe().items()))
+    tls = prepare_tls(settings, data_dir)
+    describe_trust(tls, settings)
+
+    gate = RequestGate()
+    if settings.upstream:
+        upstream: BundledCore | ExternalUpstream = ExternalUpstream(settings.upstream)
+        log.info("forwarding to an existing sync server upstream=%s", upstream.url)
+    else:
+        core = SyncCore(data_dir.collections, settings.max_body_mb, settings.core_port,
+                        settings.core_stop_timeout)
+        upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
+
+    listener: Listener | None = None
+    app: ProxyApp | None = None
+    tasks: list[asyncio.Task] = []
+    try:
+        if isinstance(upstream, BundledCore):
+            await upstream.start()
+            tasks.append(asyncio.create_task(upstream.watch_users(), name="users"))
+
+        def health() -> tuple[bool, str]:
+            reason = upstream.unavailable_reason()
+            if reason is None or (isinstance(upstream, BundledCore) and not upstream.users):
+                return True, "ok" if reason is None else "ok, " + reason
+            return False, "unavailable: " + reason
+
+        scheme = "https" if tls else "http"
+        app = ProxyApp(
+            upstream, gate, upstream,
+            max_body_bytes=settings.max_body_mb * 1024 * 1024,
+            connect_timeout=settings.upstream_connect_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+            health_path=settings.health_path,
+            scheme=scheme,
+            health=health,
+        )
+        listener = Listener(app, settings.host, settings.port, tls.current if tls else None,
+                            hypercorn_config(settings.keep_alive_timeout))
+        listener.open()
+        listener.start()
+        log.info("listening url=%s://%s:%d/ http=1.1-only", scheme, settings.host,
+                 listener.bound_port)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        if tls:
+            loop.add_signal_handler(signal.SIGHUP, _reload_certificate, tls)
+        await stop.wait()
+        log.info("stopping: finishing requests in flight grace_s=%g", settings.shutdown_grace)
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if listener is not None:
+            await listener.close(settings.shutdown_grace)
+        if app is not None:
+            await app.aclose()
+        if isinstance(upstream, BundledCore):
+            await upstream.stop()
+    log.info("stopped")
+    return 0
+
+
+def _reload_certificate(tls: ServerTLS) -> None:
+    try:
+        tls.reload()
+    except Exception as error:  # noqa: BLE001 - a bad file must never stop the server
+        log.error("certificate reload failed, keeping the old one error=%r", str(error))

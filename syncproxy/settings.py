@@ -1,0 +1,307 @@
+"""Every setting of syncproxy, and the layers it can come from.
+
+Each option is declared once, in OPTIONS. From that one declaration it gets a command-line flag
+(`--max-body-mb`), an environment variable (`SYNCPROXY_MAX_BODY_MB`) and a TOML key
+(`max_body_mb`). Layers apply in this order, later wins:
+
+    built-in default  <  TOML file  <  SYNCPROXY_* environment  <  command line
+
+`load_settings` returns the effective `Settings` together with the layer each value came from, so
+that `syncproxy config show` can say why a value is what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "SYNCPROXY_"
+CONFIG_FILE_NAME = "syncproxy.toml"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used, with a message that names it and says how to fix it."""
+
+
+def default_data_dir() -> Path:
+    """Return the data directory used when none is configured."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/syncproxy")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "syncproxy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its name, value type, default and help text."""
+
+    name: str
+    kind: str  # "str", "int", "float", "bool", "path", "list"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data_dir", "path", None, "directory that holds users, collections, media, "
+           "certificates and ACME state (default: /var/lib/syncproxy as root, "
+           "~/.local/share/syncproxy otherwise)"),
+    Option("host", "str", "0.0.0.0", "address the front end listens on"),
+    Option("port", "int", 8443, "TCP port the front end listens on", minimum=0, maximum=65535),
+    Option("upstream", "str", "", "URL of an existing sync server to forward to instead of "
+           "running the bundled sync core, e.g. http://127.0.0.1:8080"),
+    Option("tls", "bool", True, "serve TLS; --no-tls serves plain HTTP, only for use behind "
+           "another TLS terminator"),
+    Option("cert", "path", None, "PEM file with the server certificate and its full chain"),
+    Option("key", "path", None, "PEM file with the private key of --cert"),
+    Option("hostname", "list", (), "extra DNS name or IP address for the generated certificate "
+           "(repeatable; comma-separated in the environment)"),
+    Option("max_body_mb", "int", 100, "largest request body in MiB; also the sync core's "
+           "MAX_SYNC_PAYLOAD_MEGS", minimum=1, maximum=65536),
+    Option("upstream_connect_timeout", "float", 10.0, "seconds to wait for a connection to the "
+           "upstream", minimum=0.1, maximum=600),
+    Option("upstream_idle_timeout", "float", 600.0, "seconds the upstream may send nothing "
+           "while a request is in flight", minimum=1, maximum=86400),
+    Option("keep_alive_timeout", "float", 75.0, "seconds an idle client connection stays open",
+           minimum=1, maximum=3600),
+    Option("core_port", "int", 0, "loopback port for the bundled sync core; 0 picks a free "
+           "port", minimum=0, maximum=65535),
+    Option("core_stop_timeout", "float", 10.0, "seconds the sync core gets to stop after "
+           "SIGINT before it is killed", minimum=0.1, maximum=600),
+    Option("shutdown_grace", "float", 300.0, "seconds requests in flight get to finish when "
+           "syncproxy is stopped", minimum=0, maximum=86400),
+    Option("health_path", "str", "/_syncproxy/health", "path of syncproxy's own health check"),
+    Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+)
+
+OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(option.name, Any, dataclasses.field(default=option.default)) for option in OPTIONS],
+    frozen=True,
+)
+Settings.__doc__ = "The effective value of every option in OPTIONS."
+
+
+def nearest_name(name: str, candidates: Sequence[str]) -> str:
+    """Return a hint naming the closest valid candidate, or an empty string."""
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert_text(option: Option, text: str) -> Any:
+    """Convert a string from the environment or the command line to the option's type."""
+    if option.kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if option.kind == "list":
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return _CONVERTERS[option.kind](text)
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "path": lambda value: Path(value).expanduser(),
+}
+
+
+def _convert_toml(option: Option, value: Any) -> Any:
+    """Check and convert a value read from TOML, which already carries a type."""
+    expected: dict[str, tuple[type, ...]] = {
+        "str": (str,), "path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+        "list": (list, str),
+    }
+    if isinstance(value, bool) and option.kind in ("int", "float"):
+        raise ValueError(f"expected a {option.kind}, got a boolean")
+    if not isinstance(value, expected[option.kind]):
+        raise ValueError(f"expected a {option.kind}, got {type(value).__name__}")
+    if option.kind == "list":
+        items = [value] if isinstance(value, str) else value
+        return tuple(str(item) for item in items)
+    if option.kind == "path":
+        return Path(value).expanduser()
+    if option.kind == "float":
+        return float(value)
+    return value
+
+
+def _check_range(option: Option, value: Any, where: str) -> None:
+    if option.minimum is not None and value < option.minimum:
+        raise SettingsError(
+            f"{where}: {value!r} is below the minimum of {option.minimum:g} for {option.name}"
+        )
+    if option.maximum is not None and value > option.maximum:
+        raise SettingsError(
+            f"{where}: {value!r} is above the maximum of {option.maximum:g} for {option.name}"
+        )
+    if option.choices and value not in option.choices:
+        raise SettingsError(
+            f"{where}: {value!r} is not valid for {option.name}; "
+            f"choose one of {', '.join(option.choices)}"
+        )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read and validate a TOML settings file; return option values by name."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"config file {path} is not valid TOML: {error}") from None
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        option = OPTIONS_BY_NAME.get(key)
+        if option is None:
+            hint = nearest_name(key, list(OPTIONS_BY_NAME))
+            raise SettingsError(f"{path}: unknown key {key!r}{hint}")
+        try:
+            converted = _convert_toml(option, value)
+        except ValueError as error:
+            raise SettingsError(f"{path}: invalid value {value!r} for {key}: {error}") from None
+        _check_range(option, converted, str(path))
+        values[key] = converted
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read SYNCPROXY_* variables; an unknown one is an error, not silently ignored."""
+    known = {option.env: option for option in OPTIONS}
+    values: dict[str, Any] = {}
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
+            continue
+        option = known.get(variable)
+        if option is None:
+            hint = nearest_name(variable, list(known) + [ENV_PREFIX + "CONFIG"])
+            raise SettingsError(f"unknown environment variable {variable}{hint}")
+        try:
+            converted = _convert_text(option, text)
+        except ValueError as error:
+            raise SettingsError(
+                f"invalid value {text!r} in {variable}: {error}"
+            ) from None
+        _check_range(option, converted, variable)
+        values[option.name] = converted
+    return values
+
+
+def convert_cli_value(option: Option, value: Any) -> Any:
+    """Convert a value argparse produced, checking its range."""
+    if option.kind == "path" and value is not None:
+        value = Path(value).expanduser()
+    if option.kind == "list":
+        value = tuple(value)
+    if value is not None and option.kind != "list":
+        _check_range(option, value, option.flag)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedSettings:
+    """The effective settings, the layer each came from, and the config file that was read."""
+
+    settings: Any
+    sources: dict[str, str]
+    config_file: Path | None
+
+
+def find_config_file(
+    cli_config: Path | None, environ: Mapping[str, str], data_dir: Path | None
+) -> Path | None:
+    """Return the TOML file to read: --config, then SYNCPROXY_CONFIG, then the data directory's."""
+    if cli_config is not None:
+        return cli_config
+    if environ.get(ENV_PREFIX + "CONFIG"):
+        return Path(environ[ENV_PREFIX + "CONFIG"]).expanduser()
+    if data_dir is not None and (data_dir / CONFIG_FILE_NAME).is_file():
+        return data_dir / CONFIG_FILE_NAME
+    return None
+
+
+def load_settings(
+    cli_values: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    cli_config: Path | None = None,
+) -> LoadedSettings:
+    """Merge the four layers. `cli_values` holds only the options given on the command line."""
+    environ = os.environ if environ is None else environ
+    env_values = read_environment(environ)
+
+    # The data directory decides where the default config file lives, so it is resolved from
+    # the layers that cannot come from that file first.
+    early_data_dir = cli_values.get("data_dir") or env_values.get("data_dir")
+    config_file = find_config_file(cli_config, environ, early_data_dir or default_data_dir())
+    file_values = read_config_file(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers = (
+        ("file " + str(config_file), file_values),
+        ("environment", env_values),
+        ("command line", cli_values),
+    )
+    for option in OPTIONS:
+        values[option.name] = option.default
+        sources[option.name] = "default"
+        for layer_name, layer_values in layers:
+            if option.name in layer_values:
+                values[option.name] = layer_values[option.name]
+                sources[option.name] = layer_name
+
+    if values["data_dir"] is None:
+        values["data_dir"] = default_data_dir()
+    values["data_dir"] = Path(values["data_dir"]).expanduser().absolute()
+    settings = Settings(**values)
+    validate(settings)
+    return LoadedSettings(settings=settings, sources=sources, config_file=config_file)
+
+
+def validate(settings: Any) -> None:
+    """Check rules that involve more than one option."""
+    if (settings.cert is None) != (settings.key is None):
+        raise SettingsError("--cert and --key must be given together (or neither, to use a "
+                            "generated certificate)")
+    if not settings.health_path.startswith("/"):
+        raise SettingsError(f"health_path {settings.health_path!r} must start with /")
+    for reserved in ("/sync", "/msync"):
+        if settings.health_path == reserved or settings.health_path.startswith(reserved + "/"):
+            raise SettingsError(f"health_path {settings.health_path!r} collides with the sync "
+                                f"protocol's {reserved}/ paths; choose another path")
+    if settings.upstream and not settings.upstream.startswith(("http://", "https://")):
+        raise SettingsError(f"upstream {settings.upstream!r} must be an http:// or https:// URL")

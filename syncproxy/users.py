@@ -1,0 +1,223 @@
+"""Sync users: name rules, PHC password hashes and the users file.
+
+The sync core takes users as `SYNC_USERn=name:hash` with `PASSWORDS_HASHED` set, and derives each
+client's host key as hex(sha1("name:hash")). The users file therefore decides both who may log in
+and which host keys are valid: a new hash (a new password, or the same password with a new salt)
+invalidates every host key the user had.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PBKDF2_ROUNDS = 600_000  # OWASP's 2023 figure for PBKDF2-HMAC-SHA256; about 0.15 s per login.
+SALT_BYTES = 16
+MAX_NAME_BYTES = 64
+
+# The format the sync core accepts: $pbkdf2-sha256$i=ROUNDS,l=32$SALT$HASH, unpadded base64.
+_PHC_RE = re.compile(
+    r"^\$pbkdf2-(?P<digest>sha256|sha512)\$i=(?P<rounds>[0-9]{1,9}),l=(?P<length>[0-9]{1,3})"
+    r"\$(?P<salt>[A-Za-z0-9+/]{11,})\$(?P<hash>[A-Za-z0-9+/]{22,})$"
+)
+
+
+class UserError(ValueError):
+    """A user name, password or users file that cannot be used."""
+
+
+def validate_name(name: str) -> None:
+    """Raise UserError unless `name` is safe as the sync core's folder name for the user."""
+    if not name:
+        raise UserError("user name is empty")
+    if name in (".", ".."):
+        raise UserError(f"user name {name!r} is not allowed: it names a directory, not a folder "
+                        "of its own")
+    if "/" in name or "\\" in name:
+        raise UserError(f"user name {name!r} contains a path separator; the name becomes a "
+                        "folder name, so use letters, digits, '-', '_', '.' or '@'")
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise UserError(f"user name {name!r} contains a control character")
+    if ":" in name:
+        raise UserError(f"user name {name!r} contains ':', which separates name and password "
+                        "for the sync core")
+    if name != name.strip():
+        raise UserError(f"user name {name!r} starts or ends with white space")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UserError(f"user name is {len(name.encode('utf-8'))} bytes long; the limit is "
+                        f"{MAX_NAME_BYTES} bytes")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def hash_password(password: str, rounds: int = PBKDF2_ROUNDS) -> str:
+    """Return a PHC pbkdf2-sha256 string for `password` with a fresh random salt."""
+    if not password:
+        raise UserError("password is empty")
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
+    return f"$pbkdf2-sha256$i={rounds},l={len(digest)}${_b64(salt)}${_b64(digest)}"
+
+
+def check_phc(phc: str) -> None:
+    """Raise UserError unless `phc` is a hash the sync core can verify.
+
+    The core does not check hashes at start: a malformed one panics at the first login that
+    touches it, while holding the core's only lock, and every later sync then fails.
+    """
+    match = _PHC_RE.match(phc)
+    if match is None:
+        raise UserError("password hash is not in the $pbkdf2-sha256$i=N,l=32$salt$hash format")
+    try:
+        salt = _unb64(match["salt"])
+        digest = _unb64(match["hash"])
+    except binascii.Error:
+        raise UserError("password hash has invalid base64 in its salt or hash") from None
+    if not 1_000 <= int(match["rounds"]) <= 10_000_000:
+        raise UserError(f"password hash has {match['rounds']} rounds; expected 1000 to 10000000")
+    if int(match["length"]) != len(digest) or len(salt) < 8:
+        raise UserError("password hash has a salt or length that does not match its parameters")
+
+
+def verify_password(phc: str, password: str) -> bool:
+    """Return whether `password` matches the PHC string `phc`."""
+    match = _PHC_RE.match(phc)
+    if match is None:
+        return False
+    digest = hashlib.pbkdf2_hmac(
+        match["digest"], password.encode("utf-8"), _unb64(match["salt"]), int(match["rounds"]),
+        dklen=int(match["length"]),
+    )
+    return hmac.compare_digest(digest, _unb64(match["hash"]))
+
+
+def host_key(name: str, phc: str) -> str:
+    """Return the host key the sync core issues for this user entry."""
+    return hashlib.sha1(f"{name}:{phc}".encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class User:
+    """One sync user as stored in the users file."""
+
+    name: str
+    phc: str
+    created: float
+
+    @property
+    def host_key(self) -> str:
+        return host_key(self.name, self.phc)
+
+
+class UserStore:
+    """The users file: a JSON document written atomically with mode 0600.
+
+    Every change takes an exclusive lock on a sibling lock file, so two `syncproxy user`
+    commands run at once cannot lose each other's change.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    def load(self) -> dict[str, User]:
+        """Return the users by name; a missing file means no users."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as error:
+            raise UserError(f"users file {self.path} is not valid JSON ({error}); restore it "
+                            "from a backup or remove it and add the users again") from None
+        users = {}
+        for name, entry in document.get("users", {}).items():
+            try:
+                validate_name(name)
+                check_phc(entry["hash"])
+            except (UserError, KeyError, TypeError) as error:
+                raise UserError(f"users file {self.path}: entry {name!r} is invalid: "
+                                f"{error}") from None
+            users[name] = User(name=name, phc=entry["hash"], created=entry.get("created", 0.0))
+        return users
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """Return a cheap fingerprint of the file that changes whenever it is rewritten."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, User]]:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            users = self.load()
+            yield users
+            self._write(users)
+        finally:
+            os.close(fd)
+
+    def _write(self, users: dict[str, User]) -> None:
+        document = {
+            "version": 1,
+            "users": {
+                user.name: {"hash": user.phc, "created": user.created}
+                for user in sorted(users.values(), key=lambda user: user.name)
+            },
+        }
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+
+    def add(self, name: str, password: str) -> User:
+        validate_name(name)
+        phc = hash_password(password)
+        with self._locked() as users:
+            if name in users:
+                raise UserError(f"user {name!r} already exists; use 'syncproxy user passwd "
+                                f"{name}' to change the password")
+            user = User(name=name, phc=phc, created=time.time())
+            users[name] = user
+        return user
+
+    def set_password(self, name: str, password: str) -> User:
+        phc = hash_password(password)
+        with self._locked() as users:
+            if name not in users:
+                raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
+            user = User(name=name, phc=phc, created=users[name].created)
+            users[name] = user
+        return user
+
+    def remove(self, name: str) -> None:
+        with self._locked() as users:
+            if name not in users:
+                raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
+            del users[name]
