@@ -1,0 +1,93 @@
+"""A real Anki client syncs through the front end over TLS, trusting only `syncproxy cert pem`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import AnkiClient, SyncProxy, add_user, clean_environment, free_port
+
+NOTES = 2000
+MEDIA = 10
+EDITS = 25
+
+
+def full_round_trip(tmp_path: Path, endpoint: str, ca_file: Path, user: str,
+                    password: str) -> None:
+    """Client A uploads, edits and syncs; client B downloads and must match A exactly."""
+    client_a = AnkiClient(tmp_path / "client-a", endpoint, ca_file)
+    built = client_a.build(NOTES, MEDIA, label="alpha")
+    assert built["notes"] == NOTES
+
+    client_a.login(user, password)
+    assert client_a.sync("--upload")["required"] == "FULL_UPLOAD"
+    client_a.edit(EDITS, "edited-after-upload")
+    client_a.sync()
+
+    client_b = AnkiClient(tmp_path / "client-b", endpoint, ca_file)
+    client_b.login(user, password)
+    assert client_b.sync("--download")["required"] == "FULL_DOWNLOAD"
+
+    expected = client_a.dump()
+    received = client_b.dump()
+    assert len(received["notes"]) == NOTES
+    assert received["notes"] == expected["notes"]
+    edited = [fields for fields in received["notes"].values()
+              if "edited-after-upload" in fields[1]]
+    assert len(edited) == EDITS
+    assert len(received["media"]) == MEDIA
+    assert received["media"] == expected["media"]
+
+
+def test_sync_through_bundled_core(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "alice", "correct horse")
+    with SyncProxy(data_dir) as server:
+        full_round_trip(tmp_path, server.endpoint, server.ca_file(), "alice", "correct horse")
+    log = server.log()
+    assert "request client=127.0.0.1 method=POST path=/sync/upload status=200" in log
+
+
+def test_sync_through_upstream(tmp_path: Path) -> None:
+    core_port = free_port()
+    environment = clean_environment({
+        "SYNC_USER1": "bob:plain-password", "SYNC_HOST": "127.0.0.1",
+        "SYNC_PORT": str(core_port), "SYNC_BASE": str(tmp_path / "core-data"),
+    })
+    core = subprocess.Popen([sys.executable, "-m", "anki.syncserver"], env=environment,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{core_port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        with SyncProxy(tmp_path / "data", "--upstream", f"http://127.0.0.1:{core_port}") as server:
+            full_round_trip(tmp_path, server.endpoint, server.ca_file(), "bob", "plain-password")
+    finally:
+        core.send_signal(signal.SIGINT)
+        core.wait(30)
+
+
+def test_no_users_is_not_fatal(tmp_path: Path) -> None:
+    with SyncProxy(tmp_path / "data") as server:
+        response = httpx.post(server.endpoint + "sync/hostKey", verify=False)
+        assert response.status_code == 503
+        assert "syncproxy user add" in response.text
+    assert "no users yet" in server.log()
+
+
+def test_unknown_path_names_base_url(tmp_path: Path) -> None:
+    with SyncProxy(tmp_path / "data") as server:
+        response = httpx.get(server.endpoint + "anki/", verify=False)
+    assert response.status_code == 404
+    assert f"https://127.0.0.1:{server.port}/" in response.text
