@@ -153,7 +153,7 @@ def describe_trust(tls: ServerTLS | None, settings: Any) -> None:
         return
     if tls.paths.source == "generated":
         log.info("clients must trust the local CA ca=%s; print it with 'syncproxy cert pem' "
-                 "(AnkiDroid: Settings > Advanced > Custom sync server certificate)",
+                 "(AnkiDroid: Settings > Sync > Custom sync server > Custom sync certificate)",
                  tls.paths.ca)
     else:
         log.info("serving certificate cert=%s key=%s", settings.cert, settings.key)
