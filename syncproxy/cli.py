@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .core import CoreError
 from .datadir import DataDir, DataDirError
 from .settings import OPTIONS, LoadedSettings, SettingsError, convert_cli_value, load_settings
 from .tls import CertificateError, CertificatePaths, ensure_generated, trust_anchor_pem
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_config(args, loaded)
         if args.command == "health":
             return command_health(settings)
-    except (SettingsError, UserError, DataDirError, CertificateError, CommandError) as error:
+    except (SettingsError, UserError, DataDirError, CertificateError, CommandError,
+            CoreError) as error:
         print(f"syncproxy: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -139,8 +139,12 @@ class SyncCore:
         assert process.stdout is not None
         async for line in process.stdout:
             text = line.decode("utf-8", "replace").rstrip()
-            if text:
-                core_output.info("core: %s", text)
+            if not text:
+                continue
+            # After SIGINT the core's Python wrapper prints a KeyboardInterrupt traceback,
+            # which is expected noise, not an error.
+            level = logging.DEBUG if self._stopping else logging.INFO
+            core_output.log(level, "core: %s", text)
 
     async def _wait_healthy(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
