@@ -31,6 +31,11 @@ SYNC_PREFIXES = ("/sync/", "/msync/")
 CORE_HEALTH_PATH = "/health"
 # How long a request may wait while the sync core restarts before it gets 503.
 GATE_WAIT_SECONDS = 120.0
+# Request bodies up to this size are read whole and sent with Content-Length; larger ones stream
+# chunked. The sync core (anki 26.9) can answer a chunked request and close the connection
+# without reading the final zero-length chunk; the kernel then resets the connection, which can
+# destroy the end of the response in flight. Small bodies (most sync requests) avoid that race.
+SMALL_BODY_BYTES = 256 * 1024
 
 
 class Upstream(Protocol):
@@ -174,7 +179,23 @@ class ProxyApp:
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
 
-        headers = end_to_end(scope["headers"], also_drop=FORWARDING_HEADERS | {b"host"})
+        try:
+            prefix, complete = await exchange.read_prefix(SMALL_BODY_BYTES, self.max_body_bytes)
+        except BodyTooLarge:
+            await exchange.respond_too_large(self.max_body_bytes)
+            return
+        except httpx.ReadError:
+            return  # the client went away before sending its whole body
+        if complete:
+            content: bytes | AsyncIterator[bytes] = prefix
+        else:
+            content = exchange.body(prefix, self.max_body_bytes)
+
+        headers = end_to_end(scope["headers"],
+                             also_drop=FORWARDING_HEADERS | {b"host", b"content-length"})
+        if not complete and exchange.content_length() is not None:
+            # Streaming with the client's length keeps the body un-chunked, as the client sent it.
+            headers.append((b"content-length", str(exchange.content_length()).encode()))
         headers += [
             (b"x-forwarded-for", exchange.client_address().encode()),
             (b"x-forwarded-proto", self.scheme.encode()),
@@ -182,9 +203,7 @@ class ProxyApp:
         ]
         # Built directly, not with client.build_request: that would add httpx's own Accept,
         # Accept-Encoding and User-Agent headers to what the client sent.
-        request = httpx.Request(
-            scope["method"], target, headers=headers, content=exchange.body(self.max_body_bytes)
-        )
+        request = httpx.Request(scope["method"], target, headers=headers, content=content)
 
         try:
             response = await self.client.send(request, stream=True)
@@ -247,21 +266,38 @@ class Exchange:
         value = header_value(self.scope, b"content-length")
         return int(value) if value is not None and value.isdigit() else None
 
-    async def body(self, limit: int) -> AsyncIterator[bytes]:
-        """Yield the request body as it arrives; raise BodyTooLarge past `limit` bytes."""
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.client_gone = True
-                raise httpx.ReadError("client disconnected")
-            chunk = message.get("body", b"")
-            self.bytes_in += len(chunk)
-            if self.bytes_in > limit:
-                raise BodyTooLarge
+    async def _receive_chunk(self, limit: int) -> tuple[bytes, bool]:
+        """Return the next piece of the request body and whether more follows."""
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.client_gone = True
+            raise httpx.ReadError("client disconnected")
+        chunk = message.get("body", b"")
+        self.bytes_in += len(chunk)
+        if self.bytes_in > limit:
+            raise BodyTooLarge
+        return chunk, message.get("more_body", False)
+
+    async def read_prefix(self, size: int, limit: int) -> tuple[bytes, bool]:
+        """Read at least `size` bytes of the body, or all of it; return them and whether that
+        was the whole body."""
+        pieces = []
+        more = True
+        while more and self.bytes_in < size:
+            chunk, more = await self._receive_chunk(limit)
+            pieces.append(chunk)
+        return b"".join(pieces), not more
+
+    async def body(self, prefix: bytes, limit: int) -> AsyncIterator[bytes]:
+        """Yield `prefix`, then the rest of the body as it arrives; raise BodyTooLarge past
+        `limit` bytes."""
+        if prefix:
+            yield prefix
+        more = True
+        while more:
+            chunk, more = await self._receive_chunk(limit)
             if chunk:
                 yield chunk
-            if not message.get("more_body", False):
-                return
 
     async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status

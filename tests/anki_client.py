@@ -87,6 +87,7 @@ def wait_for_media(col: Collection) -> None:
 def sync(args: argparse.Namespace) -> dict:
     auth = SyncAuth(hkey=args.hkey, endpoint=args.endpoint)
     col = Collection(args.collection)
+    started = time.perf_counter()
     try:
         out = col.sync_collection(auth, sync_media=False)
         required = ChangesRequired.Name(out.required)
@@ -112,7 +113,8 @@ def sync(args: argparse.Namespace) -> dict:
         if not args.no_media:
             col.sync_media(auth)
             wait_for_media(col)
-        return {"required": required, "notes": col.note_count()}
+        return {"required": required, "notes": col.note_count(),
+                "seconds": time.perf_counter() - started}
     finally:
         col.close()
 
