@@ -19,6 +19,7 @@ import httpx
 
 from .gate import GateTimeout, RequestGate
 from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
+from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 
 log = logging.getLogger("syncproxy.proxy")
 access_log = logging.getLogger("syncproxy.access")
@@ -46,6 +47,14 @@ class HostKeys(Protocol):
     """The host keys that are currently valid, or None when the upstream decides alone."""
 
     def valid_host_keys(self) -> frozenset[str] | None: ...
+
+
+class LegacyLogins(Protocol):
+    """Users imported from ankisyncd whose first login replaces the old password hash."""
+
+    def has_pending_users(self) -> bool: ...
+
+    async def upgrade_legacy_login(self, name: str, password: str) -> bool | None: ...
 
 
 class BodyTooLarge(Exception):
@@ -87,8 +96,10 @@ class ProxyApp:
         health_path: str,
         scheme: str,
         health: Callable[[], tuple[bool, str]],
+        legacy_logins: LegacyLogins | None = None,
     ) -> None:
         self.upstream = upstream
+        self.legacy_logins = legacy_logins
         self.gate = gate
         self.host_keys = host_keys
         self.max_body_bytes = max_body_bytes
@@ -144,6 +155,11 @@ class ProxyApp:
             )
             return
 
+        if (self.legacy_logins is not None and self.legacy_logins.has_pending_users()
+                and is_login_request(exchange.scope["method"], path)):
+            if not await self._check_legacy_login(exchange):
+                return
+
         reason = self.upstream.unavailable_reason()
         if reason:
             await exchange.respond(503, f"Sync server unavailable: {reason}\n")
@@ -167,6 +183,30 @@ class ProxyApp:
                 await self._forward(exchange)
         except GateTimeout:
             await exchange.respond(503, "Sync server is restarting; try again shortly.\n")
+
+    async def _check_legacy_login(self, exchange: Exchange) -> bool:
+        """Upgrade an imported user's password at login; return False if already answered.
+
+        The body is read here and replayed to the upstream unchanged, so the sync core still
+        issues the host key.
+        """
+        body = await exchange.prefetch_body(MAX_LOGIN_BODY_BYTES)
+        if body is None:
+            return True
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1")
+                   for key, value in exchange.scope["headers"]}
+        try:
+            credentials = read_credentials(headers, body)
+        except LoginBodyError as error:
+            log.info("login body unreadable, forwarding it client=%s error=%r",
+                     exchange.client_address(), str(error))
+            return True
+        matched = await self.legacy_logins.upgrade_legacy_login(credentials.username,
+                                                                credentials.password)
+        if matched is False:
+            await exchange.respond(403, "Login failed: wrong user name or password.\n")
+            return False
+        return True
 
     async def _forward(self, exchange: Exchange) -> None:
         scope = exchange.scope
@@ -234,6 +274,8 @@ class Exchange:
         self.bytes_out = 0
         self.client_gone = False
         self.response_started = False
+        self._prefetched: list[bytes] = []
+        self._body_complete = False
 
     def client_address(self) -> str:
         client = self.scope.get("client")
@@ -247,8 +289,33 @@ class Exchange:
         value = header_value(self.scope, b"content-length")
         return int(value) if value is not None and value.isdigit() else None
 
+    async def prefetch_body(self, limit: int) -> bytes | None:
+        """Read the whole request body if it is at most `limit` bytes, else return None.
+
+        What was read is kept, and `body()` yields it before reading any further.
+        """
+        size = 0
+        while not self._body_complete and size <= limit:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                return None
+            chunk = message.get("body", b"")
+            self.bytes_in += len(chunk)
+            size += len(chunk)
+            if chunk:
+                self._prefetched.append(chunk)
+            self._body_complete = not message.get("more_body", False)
+        return b"".join(self._prefetched) if self._body_complete and size <= limit else None
+
     async def body(self, limit: int) -> AsyncIterator[bytes]:
         """Yield the request body as it arrives; raise BodyTooLarge past `limit` bytes."""
+        if self.bytes_in > limit:
+            raise BodyTooLarge
+        for chunk in self._prefetched:
+            yield chunk
+        if self._body_complete:
+            return
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
