@@ -197,6 +197,8 @@ def _plan_collection(plan: UserPlan, target_dir: Path, record: ImportRecord) -> 
     elif source.collection_mod == recorded_mod:
         plan.collection_reason = "unchanged since the last import"
     elif source.collection_mod > recorded_mod:
+        # NOTE: a running core that has not opened this collection yet leaves no lock to detect,
+        # so a replace while syncproxy runs can race a first sync; the docs say to stop it.
         plan.collection_action = "replace"
         plan.collection_reason = "newer on ankisyncd and unchanged on syncproxy since the last import"
     else:

@@ -2,7 +2,7 @@
 
 The front end reads the password of one kind of request only: the login of a user whose
 password hash is still the one imported from ankisyncd. It checks the password against that
-hash, stores a PHC hash the sync core accepts, lets the core pick the user up, and then
+hash, stores a PHC hash the sync core accepts and restarts the core with the user. Then it
 forwards the original request body unchanged, so the core issues the host key as for any user.
 
 Two request formats reach `/sync/hostKey`:

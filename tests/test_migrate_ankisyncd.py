@@ -27,7 +27,7 @@ def test_imported_users_log_in_and_download(tmp_path: Path) -> None:
     with SyncProxy(data_dir) as server:
         ca_file = server.ca_file()
 
-        # A device still holding an ankisyncd host key is told to log in again.
+        # A device still holding an ankisyncd host key gets 403, which makes it ask for a login.
         stale = httpx.post(server.endpoint + "sync/meta", verify=tls_client_context(ca_file),
                            headers={"anki-sync": json.dumps({"v": 11, "k": "0" * 32, "c": "t",
                                                              "s": "s"})})
