@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import logging
 import os
+import sqlite3
 import ssl
 import sys
 import urllib.error
@@ -15,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .ankisyncd import AnkisyncdError
 from .core import CoreError
 from .datadir import DataDir, DataDirError
+from .importing import MigrationError
 from .settings import OPTIONS, LoadedSettings, SettingsError, convert_cli_value, load_settings
 from .tls import CertificateError, CertificatePaths, ensure_generated, trust_anchor_pem
 from .users import UserError, UserStore
 
-COMMANDS = ("serve", "user", "cert", "config", "health")
+COMMANDS = ("serve", "user", "cert", "config", "health", "import")
 
 
 class CommandError(Exception):
@@ -86,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = config_commands.add_parser("check", help="validate a TOML settings file")
     sub.add_argument("file", type=Path)
 
+    importer = commands.add_parser("import", help="bring users and data over from another "
+                                                  "sync server")
+    import_sources = importer.add_subparsers(dest="import_source", metavar="SOURCE",
+                                             required=True)
+    sub = import_sources.add_parser(
+        "ankisyncd", parents=[options],
+        help="import users, collections and media from an ankisyncd data root",
+        description="Import users, collections and media from ankisyncd. Users keep their "
+                    "passwords. Running it again adds only what is missing and never "
+                    "overwrites data changed on syncproxy.")
+    sub.add_argument("path", type=Path,
+                     help="ankisyncd's folder with auth.db and collections/, or its "
+                          "collections folder")
+    sub.add_argument("--auth-db", type=Path, default=None,
+                     help="ankisyncd's users database (auth_db_path in ankisyncd.conf) when it "
+                          "is not in PATH or its parent")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print what would be imported and write nothing")
+
     commands.add_parser("health", parents=[options],
                         help="exit 0 if the local server is healthy (for container checks)")
     return parser
@@ -144,10 +166,12 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
         print(f"removed user {args.name}; its collection stays in {data_dir.collections}")
     elif args.user_command == "list":
         users = store.load()
-        if not users:
+        pending = store.load_pending()
+        if not users and not pending:
             print("no users; add one with: syncproxy user add NAME")
-        for name in sorted(users):
-            print(name)
+        for name in sorted(set(users) | set(pending)):
+            print(f"{name}  (imported from ankisyncd; not logged in yet)" if name in pending
+                  else name)
     return 0
 
 
@@ -186,6 +210,43 @@ def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def command_import(args: argparse.Namespace, settings: Any) -> int:
+    from .ankisyncd import AnkisyncdRoot
+    from .importing import (ImportRecord, TerminalProgress, apply_plan, describe_plan,
+                            plan_import, summarize)
+
+    data_dir = DataDir(settings.data_dir)
+    source = AnkisyncdRoot(args.path, args.auth_db)
+    print(f"ankisyncd users: {source.auth_db}; collections: {source.collections}")
+    print(f"syncproxy data directory: {data_dir.root}")
+    store = UserStore(data_dir.users_file)
+    existing = set(store.load()) | set(store.load_pending())
+    record = ImportRecord(data_dir.ankisyncd_import_record)
+    plans = plan_import(source.scan(), data_dir.collections, existing, record)
+
+    if args.dry_run:
+        print("\n".join(describe_plan(plans)))
+        print(summarize(plans))
+        print("dry run: nothing was written")
+        return 0
+
+    data_dir.prepare()
+    progress = TerminalProgress(sum(plan.total_bytes for plan in plans))
+    try:
+        apply_plan(plans, data_dir.collections, record, store.add_pending, progress)
+    except sqlite3.Error as error:
+        raise CommandError(f"import stopped: {error}. If syncproxy is running, stop it and run "
+                           f"the import again; users already imported are skipped.") from None
+    finally:
+        progress.close()
+    print("\n".join(describe_plan(plans)))
+    print(summarize(plans))
+    if any(plan.add_user for plan in plans):
+        print("Imported users log in with their ankisyncd password. Each device must log in "
+              "once with the new server address, because ankisyncd's sessions do not carry over.")
+    return 0
 
 
 def command_health(settings: Any) -> int:
@@ -231,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             return command_config(args, loaded)
         if args.command == "health":
             return command_health(settings)
+        if args.command == "import":
+            return command_import(args, settings)
     except (SettingsError, UserError, DataDirError, CertificateError, CommandError,
-            CoreError) as error:
+            CoreError, AnkisyncdError, MigrationError) as error:
         print(f"syncproxy: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -28,6 +28,9 @@ class DataDir:
         collections/     the sync core's SYNC_BASE: one folder per user
         tls/             generated CA and server certificate
         acme/            certbot's configuration, account, webroot and logs
+        ankisyncd-import.json
+                         what 'syncproxy import ankisyncd' copied, so a rerun can tell
+                         untouched collections from changed ones
     """
 
     def __init__(self, root: Path) -> None:
@@ -44,6 +47,10 @@ class DataDir:
     @property
     def collections(self) -> Path:
         return self.root / "collections"
+
+    @property
+    def ankisyncd_import_record(self) -> Path:
+        return self.root / "ankisyncd-import.json"
 
     @property
     def tls_dir(self) -> Path:

@@ -19,6 +19,7 @@ import httpx
 
 from .gate import GateTimeout, RequestGate
 from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
+from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 
 log = logging.getLogger("syncproxy.proxy")
 access_log = logging.getLogger("syncproxy.access")
@@ -51,6 +52,14 @@ class HostKeys(Protocol):
     """The host keys that are currently valid, or None when the upstream decides alone."""
 
     def valid_host_keys(self) -> frozenset[str] | None: ...
+
+
+class LegacyLogins(Protocol):
+    """Users imported from ankisyncd whose first login replaces the old password hash."""
+
+    def has_pending_users(self) -> bool: ...
+
+    async def upgrade_legacy_login(self, name: str, password: str) -> bool | None: ...
 
 
 class BodyTooLarge(Exception):
@@ -92,8 +101,10 @@ class ProxyApp:
         health_path: str,
         scheme: str,
         health: Callable[[], tuple[bool, str]],
+        legacy_logins: LegacyLogins | None = None,
     ) -> None:
         self.upstream = upstream
+        self.legacy_logins = legacy_logins
         self.gate = gate
         self.host_keys = host_keys
         self.max_body_bytes = max_body_bytes
@@ -149,6 +160,11 @@ class ProxyApp:
             )
             return
 
+        if (self.legacy_logins is not None and self.legacy_logins.has_pending_users()
+                and is_login_request(exchange.scope["method"], path)):
+            if not await self._check_legacy_login(exchange):
+                return
+
         reason = self.upstream.unavailable_reason()
         if reason:
             await exchange.respond(503, f"Sync server unavailable: {reason}\n")
@@ -173,6 +189,30 @@ class ProxyApp:
         except GateTimeout:
             await exchange.respond(503, "Sync server is restarting; try again shortly.\n")
 
+    async def _check_legacy_login(self, exchange: Exchange) -> bool:
+        """Upgrade an imported user's password at login; return False if already answered.
+
+        The body is read here and replayed to the upstream unchanged, so the sync core still
+        issues the host key.
+        """
+        body = await exchange.prefetch_body(MAX_LOGIN_BODY_BYTES)
+        if body is None:
+            return True
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1")
+                   for key, value in exchange.scope["headers"]}
+        try:
+            credentials = read_credentials(headers, body)
+        except LoginBodyError as error:
+            log.info("login body unreadable, forwarding it client=%s error=%r",
+                     exchange.client_address(), str(error))
+            return True
+        matched = await self.legacy_logins.upgrade_legacy_login(credentials.username,
+                                                                credentials.password)
+        if matched is False:
+            await exchange.respond(403, "Login failed: wrong user name or password.\n")
+            return False
+        return True
+
     async def _forward(self, exchange: Exchange) -> None:
         scope = exchange.scope
         target = self.upstream.url + scope["raw_path"].decode("latin-1")
@@ -189,7 +229,7 @@ class ProxyApp:
         if complete:
             content: bytes | AsyncIterator[bytes] = prefix
         else:
-            content = exchange.body(prefix, self.max_body_bytes)
+            content = exchange.body(self.max_body_bytes)
 
         headers = end_to_end(scope["headers"],
                              also_drop=FORWARDING_HEADERS | {b"host", b"content-length"})
@@ -253,6 +293,8 @@ class Exchange:
         self.bytes_out = 0
         self.client_gone = False
         self.response_started = False
+        self._prefetched: list[bytes] = []
+        self._body_complete = False
 
     def client_address(self) -> str:
         client = self.scope.get("client")
@@ -266,36 +308,46 @@ class Exchange:
         value = header_value(self.scope, b"content-length")
         return int(value) if value is not None and value.isdigit() else None
 
-    async def _receive_chunk(self, limit: int) -> tuple[bytes, bool]:
-        """Return the next piece of the request body and whether more follows."""
+    async def _receive_chunk(self, limit: int) -> bytes:
+        """Return the next piece of the request body; raise BodyTooLarge past `limit` bytes."""
         message = await self._receive()
         if message["type"] == "http.disconnect":
             self.client_gone = True
             raise httpx.ReadError("client disconnected")
         chunk = message.get("body", b"")
         self.bytes_in += len(chunk)
+        self._body_complete = not message.get("more_body", False)
         if self.bytes_in > limit:
             raise BodyTooLarge
-        return chunk, message.get("more_body", False)
+        return chunk
 
     async def read_prefix(self, size: int, limit: int) -> tuple[bytes, bool]:
-        """Read at least `size` bytes of the body, or all of it; return them and whether that
-        was the whole body."""
-        pieces = []
-        more = True
-        while more and self.bytes_in < size:
-            chunk, more = await self._receive_chunk(limit)
-            pieces.append(chunk)
-        return b"".join(pieces), not more
+        """Read at least `size` bytes of the body, or all of it, and keep them for `body()`.
 
-    async def body(self, prefix: bytes, limit: int) -> AsyncIterator[bytes]:
-        """Yield `prefix`, then the rest of the body as it arrives; raise BodyTooLarge past
-        `limit` bytes."""
-        if prefix:
-            yield prefix
-        more = True
-        while more:
-            chunk, more = await self._receive_chunk(limit)
+        Returns what was read so far and whether that is the whole body.
+        """
+        while not self._body_complete and self.bytes_in < size:
+            chunk = await self._receive_chunk(limit)
+            if chunk:
+                self._prefetched.append(chunk)
+        return b"".join(self._prefetched), self._body_complete
+
+    async def prefetch_body(self, limit: int) -> bytes | None:
+        """Read the whole request body if it is at most `limit` bytes, else return None."""
+        try:
+            body, complete = await self.read_prefix(limit + 1, limit)
+        except (BodyTooLarge, httpx.ReadError):
+            return None
+        return body if complete else None
+
+    async def body(self, limit: int) -> AsyncIterator[bytes]:
+        """Yield the request body, what was read ahead first; raise BodyTooLarge past `limit`."""
+        if self.bytes_in > limit:
+            raise BodyTooLarge
+        for chunk in self._prefetched:
+            yield chunk
+        while not self._body_complete:
+            chunk = await self._receive_chunk(limit)
             if chunk:
                 yield chunk
 

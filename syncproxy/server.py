@@ -37,14 +37,20 @@ class BundledCore:
         self.store = store
         self.gate = gate
         self.users: dict[str, User] = {}
+        self.pending: frozenset[str] = frozenset()
         self._host_keys: frozenset[str] = frozenset()
         self._signature: Any = None
+        self._reload_lock = asyncio.Lock()
 
     @property
     def url(self) -> str:
         return self.core.url
 
     def unavailable_reason(self) -> str | None:
+        if not self.users and self.pending:
+            # Only imported users, none logged in yet: no core runs, and every host key is
+            # invalid, so clients get 403 and log in, which starts the core.
+            return None
         if not self.users:
             return ("no users yet. Add one on the server with 'syncproxy user add NAME'; "
                     "it takes effect without a restart.")
@@ -57,6 +63,7 @@ class BundledCore:
 
     def _load(self) -> dict[str, User]:
         self._signature = self.store.signature()
+        self.pending = frozenset(self.store.load_pending())
         return self.store.load()
 
     async def start(self) -> None:
@@ -74,15 +81,38 @@ class BundledCore:
             await asyncio.sleep(USERS_POLL_SECONDS)
             if self.store.signature() == self._signature:
                 continue
+            await self.reload_users()
+
+    async def reload_users(self) -> None:
+        """Read the users file and restart the core if its users changed."""
+        async with self._reload_lock:
             try:
                 users = self._load()
             except UserError as error:
                 log.error("users file unreadable, keeping the current users error=%r",
                           str(error))
-                continue
-            if users == self.users:
-                continue
-            await self._apply(users)
+                return
+            if users != self.users:
+                await self._apply(users)
+
+    def has_pending_users(self) -> bool:
+        return bool(self.pending)
+
+    async def upgrade_legacy_login(self, name: str, password: str) -> bool | None:
+        """Check an imported user's ankisyncd password and, if it matches, store a PHC hash.
+
+        Return None if `name` is not waiting for a first login, else whether the password
+        matched. After a match the sync core knows the user when this returns.
+        """
+        if name not in self.pending:
+            return None
+        user = await asyncio.to_thread(self.store.upgrade_pending, name, password)
+        if user is None:
+            log.info("ankisyncd password rejected user=%s", name)
+            return False
+        log.info("ankisyncd password replaced by a PHC hash user=%s", name)
+        await self.reload_users()
+        return True
 
     async def _apply(self, users: dict[str, User]) -> None:
         added = sorted(set(users) - set(self.users))
@@ -194,6 +224,7 @@ async def run(settings: Any) -> int:
         scheme = "https" if tls else "http"
         app = ProxyApp(
             upstream, gate, upstream,
+            legacy_logins=upstream if isinstance(upstream, BundledCore) else None,
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,

@@ -4,6 +4,10 @@ The sync core takes users as `SYNC_USERn=name:hash` with `PASSWORDS_HASHED` set,
 client's host key as hex(sha1("name:hash")). The users file therefore decides both who may log in
 and which host keys are valid: a new hash (a new password, or the same password with a new salt)
 invalidates every host key the user had.
+
+Users imported from ankisyncd first sit in the file's "pending" section with ankisyncd's own
+password hash. The sync core never sees them: at their first login the front end checks the
+password against that hash and moves the user into "users" with a PHC hash.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .ankisyncd import is_legacy_hash, verify_legacy_password
 
 PBKDF2_ROUNDS = 600_000  # OWASP's 2023 figure for PBKDF2-HMAC-SHA256; about 0.15 s per login.
 SALT_BYTES = 16
@@ -127,6 +133,15 @@ class User:
         return host_key(self.name, self.phc)
 
 
+@dataclass(frozen=True)
+class PendingUser:
+    """A user imported from ankisyncd who has not logged in since; `ankisyncd_hash` is secret."""
+
+    name: str
+    ankisyncd_hash: str = field(repr=False)
+    created: float
+
+
 class UserStore:
     """The users file: a JSON document written atomically with mode 0600.
 
@@ -138,16 +153,19 @@ class UserStore:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
-    def load(self) -> dict[str, User]:
-        """Return the users by name; a missing file means no users."""
+    def _read_document(self) -> dict:
         try:
             with open(self.path, encoding="utf-8") as handle:
-                document = json.load(handle)
+                return json.load(handle)
         except FileNotFoundError:
             return {}
         except json.JSONDecodeError as error:
             raise UserError(f"users file {self.path} is not valid JSON ({error}); restore it "
                             "from a backup or remove it and add the users again") from None
+
+    def load(self) -> dict[str, User]:
+        """Return the users by name; a missing file means no users."""
+        document = self._read_document()
         users = {}
         for name, entry in document.get("users", {}).items():
             try:
@@ -159,6 +177,21 @@ class UserStore:
             users[name] = User(name=name, phc=entry["hash"], created=entry.get("created", 0.0))
         return users
 
+    def load_pending(self) -> dict[str, PendingUser]:
+        """Return the users still waiting for their first login with an ankisyncd password."""
+        pending = {}
+        for name, entry in self._read_document().get("pending", {}).items():
+            try:
+                validate_name(name)
+                if not is_legacy_hash(entry["ankisyncd_hash"]):
+                    raise UserError("ankisyncd_hash is not 80 lower-case hex digits")
+            except (UserError, KeyError, TypeError) as error:
+                raise UserError(f"users file {self.path}: pending entry {name!r} is invalid: "
+                                f"{error}") from None
+            pending[name] = PendingUser(name=name, ankisyncd_hash=entry["ankisyncd_hash"],
+                                        created=entry.get("created", 0.0))
+        return pending
+
     def signature(self) -> tuple[int, int, int] | None:
         """Return a cheap fingerprint of the file that changes whenever it is rewritten."""
         try:
@@ -168,25 +201,31 @@ class UserStore:
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, User]]:
+    def _locked(self) -> Iterator[tuple[dict[str, User], dict[str, PendingUser]]]:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             users = self.load()
-            yield users
-            self._write(users)
+            pending = self.load_pending()
+            yield users, pending
+            self._write(users, pending)
         finally:
             os.close(fd)
 
-    def _write(self, users: dict[str, User]) -> None:
-        document = {
+    def _write(self, users: dict[str, User], pending: dict[str, PendingUser]) -> None:
+        document: dict = {
             "version": 1,
             "users": {
                 user.name: {"hash": user.phc, "created": user.created}
                 for user in sorted(users.values(), key=lambda user: user.name)
             },
         }
+        if pending:
+            document["pending"] = {
+                user.name: {"ankisyncd_hash": user.ankisyncd_hash, "created": user.created}
+                for user in sorted(pending.values(), key=lambda user: user.name)
+            }
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -199,8 +238,8 @@ class UserStore:
     def add(self, name: str, password: str) -> User:
         validate_name(name)
         phc = hash_password(password)
-        with self._locked() as users:
-            if name in users:
+        with self._locked() as (users, pending):
+            if name in users or name in pending:
                 raise UserError(f"user {name!r} already exists; use 'syncproxy user passwd "
                                 f"{name}' to change the password")
             user = User(name=name, phc=phc, created=time.time())
@@ -209,15 +248,53 @@ class UserStore:
 
     def set_password(self, name: str, password: str) -> User:
         phc = hash_password(password)
-        with self._locked() as users:
-            if name not in users:
+        with self._locked() as (users, pending):
+            if name in pending:
+                user = User(name=name, phc=phc, created=pending.pop(name).created)
+            elif name in users:
+                user = User(name=name, phc=phc, created=users[name].created)
+            else:
                 raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
-            user = User(name=name, phc=phc, created=users[name].created)
             users[name] = user
         return user
 
     def remove(self, name: str) -> None:
-        with self._locked() as users:
-            if name not in users:
+        with self._locked() as (users, pending):
+            if name in pending:
+                del pending[name]
+            elif name in users:
+                del users[name]
+            else:
                 raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
-            del users[name]
+
+    def add_pending(self, name: str, ankisyncd_hash: str) -> PendingUser:
+        """Add a user who logs in with their ankisyncd password until the first login."""
+        validate_name(name)
+        if not is_legacy_hash(ankisyncd_hash):
+            raise UserError(f"password hash of {name!r} is not in ankisyncd's salted SHA-256 "
+                            f"format")
+        with self._locked() as (users, pending):
+            if name in users or name in pending:
+                raise UserError(f"user {name!r} already exists")
+            user = PendingUser(name=name, ankisyncd_hash=ankisyncd_hash, created=time.time())
+            pending[name] = user
+        return user
+
+    def upgrade_pending(self, name: str, password: str, rounds: int = PBKDF2_ROUNDS) -> User | None:
+        """Replace a pending user's ankisyncd hash with a PHC hash if `password` matches it.
+
+        Return the upgraded user, or None if `name` is not pending or the password is wrong.
+        """
+        entry = self.load_pending().get(name)
+        if entry is None or not verify_legacy_password(name, password, entry.ankisyncd_hash):
+            return None
+        phc = hash_password(password, rounds)
+        with self._locked() as (users, pending):
+            current = pending.get(name)
+            # Another login or a 'user passwd' may have changed the entry while this one hashed.
+            if current is None or current.ankisyncd_hash != entry.ankisyncd_hash:
+                return users.get(name)
+            user = User(name=name, phc=phc, created=current.created)
+            del pending[name]
+            users[name] = user
+        return user
