@@ -14,13 +14,14 @@ pyproject pin keeps other versions out until this module is checked against them
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from importlib.metadata import version
 
 import h11
 import hypercorn.asyncio.tcp_server
 from hypercorn.events import Closed, Event
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol, H11SendableEvent
 
 TESTED_HYPERCORN = ("0.18.",)
 
@@ -29,6 +30,18 @@ PREFACE_REJECTION = b"HTTP/2 is not supported here; this server speaks HTTP/1.1 
 
 class Http1OnlyProtocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol without its two switches to HTTP/2."""
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        # hypercorn sends status lines with an empty reason phrase ("HTTP/1.1 200 "). RFC 9112
+        # allows that, but some HTTP/1.1 clients reject it, so the standard phrase is added.
+        if isinstance(event, (h11.Response, h11.InformationalResponse)) and not event.reason:
+            try:
+                phrase = HTTPStatus(event.status_code).phrase.encode("ascii")
+            except ValueError:
+                phrase = b""
+            event = type(event)(status_code=event.status_code, headers=event.headers,
+                                reason=phrase)
+        await super()._send_h11_event(event)
 
     async def _check_protocol(self, event: h11.Request) -> None:
         if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":

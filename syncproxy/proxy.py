@@ -19,6 +19,7 @@ import httpx
 
 from .gate import GateTimeout, RequestGate
 from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
+from .upstream_client import UpstreamClients
 from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 
 log = logging.getLogger("syncproxy.proxy")
@@ -111,17 +112,11 @@ class ProxyApp:
         self.health_path = health_path
         self.scheme = scheme
         self.health = health
-        self.client = httpx.AsyncClient(
-            trust_env=False,  # proxy variables in a container must not reroute the upstream
-            timeout=httpx.Timeout(connect=connect_timeout, read=idle_timeout,
-                                  write=idle_timeout, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            follow_redirects=False,
-        )
+        self.clients = UpstreamClients(connect_timeout, idle_timeout)
         self.idle_timeout = idle_timeout
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.clients.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -245,39 +240,40 @@ class ProxyApp:
         # Accept-Encoding and User-Agent headers to what the client sent.
         request = httpx.Request(scope["method"], target, headers=headers, content=content)
 
-        try:
-            response = await self.client.send(request, stream=True)
-        except BodyTooLarge:
-            await exchange.respond_too_large(self.max_body_bytes)
-            return
-        except httpx.ConnectError as error:
-            log.warning("upstream unreachable url=%s error=%r", self.upstream.url, str(error))
-            await exchange.respond(502, f"Upstream unreachable: cannot connect to "
-                                        f"{self.upstream.url} ({error}).\n")
-            return
-        except httpx.TimeoutException:
-            await exchange.respond(504, f"Upstream timed out: no data from {self.upstream.url} "
-                                        f"for {self.idle_timeout:g} s "
-                                        f"(setting upstream_idle_timeout).\n")
-            return
-        except httpx.TransportError as error:
-            if exchange.client_gone:
+        async with self.clients.borrow() as client:
+            try:
+                response = await client.send(request, stream=True)
+            except BodyTooLarge:
+                await exchange.respond_too_large(self.max_body_bytes)
                 return
-            log.warning("upstream failed url=%s error=%r", self.upstream.url, str(error))
-            await exchange.respond(502, f"Upstream failed: {type(error).__name__} from "
-                                        f"{self.upstream.url}; the sync core may have "
-                                        f"restarted, try again.\n")
-            return
+            except httpx.ConnectError as error:
+                log.warning("upstream unreachable url=%s error=%r", self.upstream.url, str(error))
+                await exchange.respond(502, f"Upstream unreachable: cannot connect to "
+                                            f"{self.upstream.url} ({error}).\n")
+                return
+            except httpx.TimeoutException:
+                await exchange.respond(504, f"Upstream timed out: no data from {self.upstream.url} "
+                                            f"for {self.idle_timeout:g} s "
+                                            f"(setting upstream_idle_timeout).\n")
+                return
+            except httpx.TransportError as error:
+                if exchange.client_gone:
+                    return
+                log.warning("upstream failed url=%s error=%r", self.upstream.url, str(error))
+                await exchange.respond(502, f"Upstream failed: {type(error).__name__} from "
+                                            f"{self.upstream.url}; the sync core may have "
+                                            f"restarted, try again.\n")
+                return
 
-        try:
-            await exchange.start_response(
-                response.status_code, end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
-            )
-            async for chunk in response.aiter_raw():
-                await exchange.send_body(chunk)
-            await exchange.end_response()
-        finally:
-            await response.aclose()
+            try:
+                await exchange.start_response(
+                    response.status_code, end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
+                )
+                async for chunk in response.aiter_raw():
+                    await exchange.send_body(chunk)
+                await exchange.end_response()
+            finally:
+                await response.aclose()
 
 
 class Exchange:
