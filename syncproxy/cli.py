@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     user_commands.add_parser("list", parents=[options], help="list users")
     sub = user_commands.add_parser("remove", parents=[options], help="remove a user")
     sub.add_argument("name")
+    sub = user_commands.add_parser(
+        "revoke", parents=[options],
+        help="end every session of a user: each device must log in again (same password)")
+    sub.add_argument("name")
 
     cert = commands.add_parser("cert", help="certificate tools")
     cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
@@ -164,14 +168,22 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
     elif args.user_command == "remove":
         store.remove(args.name)
         print(f"removed user {args.name}; its collection stays in {data_dir.collections}")
+    elif args.user_command == "revoke":
+        store.revoke(args.name)
+        print(f"revoked every session of {args.name}; each device must log in again with the "
+              f"same password")
     elif args.user_command == "list":
         users = store.load()
         pending = store.load_pending()
         if not users and not pending:
             print("no users; add one with: syncproxy user add NAME")
         for name in sorted(set(users) | set(pending)):
-            print(f"{name}  (imported from ankisyncd; not logged in yet)" if name in pending
-                  else name)
+            if name not in pending:
+                print(name)
+            elif pending[name].phc:
+                print(f"{name}  (sessions revoked; not logged in since)")
+            else:
+                print(f"{name}  (imported from ankisyncd; not logged in yet)")
     return 0
 
 

@@ -99,7 +99,7 @@ class BundledCore:
         return bool(self.pending)
 
     async def upgrade_legacy_login(self, name: str, password: str) -> bool | None:
-        """Check an imported user's ankisyncd password and, if it matches, store a PHC hash.
+        """Check a pending user's password (imported or revoked); on a match store a new PHC hash.
 
         Return None if `name` is not waiting for a first login, else whether the password
         matched. After a match the sync core knows the user when this returns.
@@ -108,9 +108,9 @@ class BundledCore:
             return None
         user = await asyncio.to_thread(self.store.upgrade_pending, name, password)
         if user is None:
-            log.info("ankisyncd password rejected user=%s", name)
+            log.info("pending login rejected user=%s", name)
             return False
-        log.info("ankisyncd password replaced by a PHC hash user=%s", name)
+        log.info("pending login accepted, password re-hashed user=%s", name)
         await self.reload_users()
         return True
 

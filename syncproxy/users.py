@@ -8,6 +8,10 @@ invalidates every host key the user had.
 Users imported from ankisyncd first sit in the file's "pending" section with ankisyncd's own
 password hash. The sync core never sees them: at their first login the front end checks the
 password against that hash and moves the user into "users" with a PHC hash.
+
+`user revoke` uses the same section to end every session of a user without knowing the
+password: the user moves to "pending" with its current PHC hash, so every host key stops working,
+and the next login re-hashes the same password with a new salt, which gives a new host key.
 """
 
 from __future__ import annotations
@@ -135,11 +139,21 @@ class User:
 
 @dataclass(frozen=True)
 class PendingUser:
-    """A user imported from ankisyncd who has not logged in since; `ankisyncd_hash` is secret."""
+    """A user whose password is checked by the front end at the next login, then re-hashed.
+
+    Exactly one of the secret hashes is set: `ankisyncd_hash` for a user imported from
+    ankisyncd, `phc` for a user whose sessions were revoked.
+    """
 
     name: str
     ankisyncd_hash: str = field(repr=False)
     created: float
+    phc: str = field(default="", repr=False)
+
+    def verify(self, password: str) -> bool:
+        if self.phc:
+            return verify_password(self.phc, password)
+        return verify_legacy_password(self.name, password, self.ankisyncd_hash)
 
 
 class UserStore:
@@ -178,17 +192,20 @@ class UserStore:
         return users
 
     def load_pending(self) -> dict[str, PendingUser]:
-        """Return the users still waiting for their first login with an ankisyncd password."""
+        """Return the users whose password the front end checks at their next login."""
         pending = {}
         for name, entry in self._read_document().get("pending", {}).items():
             try:
                 validate_name(name)
-                if not is_legacy_hash(entry["ankisyncd_hash"]):
+                if "hash" in entry:
+                    check_phc(entry["hash"])
+                elif not is_legacy_hash(entry["ankisyncd_hash"]):
                     raise UserError("ankisyncd_hash is not 80 lower-case hex digits")
             except (UserError, KeyError, TypeError) as error:
                 raise UserError(f"users file {self.path}: pending entry {name!r} is invalid: "
                                 f"{error}") from None
-            pending[name] = PendingUser(name=name, ankisyncd_hash=entry["ankisyncd_hash"],
+            pending[name] = PendingUser(name=name, ankisyncd_hash=entry.get("ankisyncd_hash", ""),
+                                        phc=entry.get("hash", ""),
                                         created=entry.get("created", 0.0))
         return pending
 
@@ -223,7 +240,9 @@ class UserStore:
         }
         if pending:
             document["pending"] = {
-                user.name: {"ankisyncd_hash": user.ankisyncd_hash, "created": user.created}
+                user.name: ({"hash": user.phc} if user.phc
+                            else {"ankisyncd_hash": user.ankisyncd_hash})
+                | {"created": user.created}
                 for user in sorted(pending.values(), key=lambda user: user.name)
             }
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -267,6 +286,17 @@ class UserStore:
             else:
                 raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
 
+    def revoke(self, name: str) -> None:
+        """End every session of `name`; the next login with the same password starts anew."""
+        with self._locked() as (users, pending):
+            if name in pending:
+                return
+            if name not in users:
+                raise UserError(f"user {name!r} not found; 'syncproxy user list' shows the users")
+            user = users.pop(name)
+            pending[name] = PendingUser(name=name, ankisyncd_hash="", phc=user.phc,
+                                        created=user.created)
+
     def add_pending(self, name: str, ankisyncd_hash: str) -> PendingUser:
         """Add a user who logs in with their ankisyncd password until the first login."""
         validate_name(name)
@@ -286,13 +316,13 @@ class UserStore:
         Return the upgraded user, or None if `name` is not pending or the password is wrong.
         """
         entry = self.load_pending().get(name)
-        if entry is None or not verify_legacy_password(name, password, entry.ankisyncd_hash):
+        if entry is None or not entry.verify(password):
             return None
         phc = hash_password(password, rounds)
         with self._locked() as (users, pending):
             current = pending.get(name)
             # Another login or a 'user passwd' may have changed the entry while this one hashed.
-            if current is None or current.ankisyncd_hash != entry.ankisyncd_hash:
+            if current is None or current != entry:
                 return users.get(name)
             user = User(name=name, phc=phc, created=current.created)
             del pending[name]

@@ -144,3 +144,29 @@ def test_user_changes_reach_running_server(tmp_path: Path) -> None:
         wait_for(lambda: "error" in bob.sync(check=False))
         assert sync_status(server, trust, bob.hkey) == 403
         assert not login_succeeds(bob, "bob", "bob-pw")
+
+
+def test_revoke_ends_sessions_keeps_password(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "carol", "carol-pw")
+    with SyncProxy(data_dir) as server:
+        trust = server.ca_file()
+        phone = AnkiClient(tmp_path / "phone", server.endpoint, trust)
+        phone.build(10)
+        old_key = phone.login("carol", "carol-pw")
+        phone.sync("--upload")
+
+        result = syncproxy("user", "revoke", "carol", "--data-dir", str(data_dir))
+        assert "revoked" in result.stdout
+        wait_for(lambda: sync_status(server, trust, old_key) == 403)
+        listed = syncproxy("user", "list", "--data-dir", str(data_dir)).stdout
+        assert "carol  (sessions revoked" in listed
+
+        assert not login_succeeds(phone, "carol", "wrong-pw")
+        new_key = phone.login("carol", "carol-pw")
+        assert new_key != old_key
+        assert phone.sync()["required"] == "NO_CHANGES"
+        assert sync_status(server, trust, old_key) == 403
+    assert "carol-pw" not in server.log()
+    assert old_key not in server.log()
+    assert new_key not in server.log()
