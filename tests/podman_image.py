@@ -74,15 +74,15 @@ def run_command(
 
 
 class Podman:
-    """podman with its storage in `root` and `runroot`, given on every command line."""
+    """podman whose storage and state all live below `base`, given on every command line."""
 
-    def __init__(self, root: Path, runroot: Path) -> None:
-        self.root = root
-        self.runroot = runroot
+    def __init__(self, base: Path) -> None:
+        self.base = base
 
     def argv(self, *args: str) -> list[str]:
         return [
-            "podman", "--root", str(self.root), "--runroot", str(self.runroot),
+            "podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "runroot"),
+            "--tmpdir", str(self.base / "tmp"), "--events-backend", "file",
             "--runtime", "runc", *args,
         ]
 
