@@ -1,7 +1,7 @@
 """Build and run syncproxy's image with rootful podman on a machine that cannot pull images.
 
 No registry for container images is reachable, so a Debian bookworm root made with
-`debootstrap --variant=minbase`, with Debian's python3, stands in for the Dockerfile's
+`debootstrap --variant=minbase`, with Debian's python3, replaces the Dockerfile's
 `python:*-slim-bookworm` base and is imported under that exact name. The Dockerfile calls
 `python3` (never `python`) so that it runs unchanged on the official image and on this stand-in.
 
@@ -36,7 +36,7 @@ STAND_IN_SUITE = "bookworm"
 # What the official python image provides and the Dockerfile relies on: python3 with venv and
 # pip, and the CA bundle pip needs to reach the package index.
 STAND_IN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
-# Dropped from the stand-in to keep the import small; the official slim images lack them too.
+# Removed from the stand-in to keep the import small. The official slim images lack them too.
 STAND_IN_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man")
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -131,8 +131,8 @@ def _mounts_below(path: Path) -> list[str]:
 
 
 def _remove_root(root: Path) -> None:
-    # debootstrap may bind-mount host devices into the target; removing the tree while one is
-    # still mounted would delete the host's device nodes, so unmount first and refuse otherwise.
+    # debootstrap may bind-mount host devices into the target. Removing the tree while one is
+    # still mounted would delete the host's device nodes, so unmount first or stop.
     for point in sorted(_mounts_below(root), key=len, reverse=True):
         subprocess.run(["umount", "--lazy", point], check=False)
     left = _mounts_below(root)

@@ -205,7 +205,7 @@ def test_container_syncs_and_keeps_data(
 
 
 class _RecordingIndex(http.server.BaseHTTPRequestHandler):
-    """A package index that has nothing: records each path asked for and answers 404."""
+    """A package index that has nothing: records each requested path and returns 404."""
 
     def do_GET(self) -> None:
         self.server.paths.append(self.path)
@@ -226,7 +226,8 @@ def _serve_index(context: ssl.SSLContext | None = None) -> http.server.Threading
 
 def test_build_uses_index_arguments(podman: Podman, image: str) -> None:
     # The main index is plain HTTP (pip accepts that on loopback). The extra index uses a
-    # certificate nobody trusts: pip only gets a request through if PIP_TRUSTED_HOST is honoured.
+    # certificate from an untrusted CA, so pip gets a request through only if it honours
+    # PIP_TRUSTED_HOST.
     main_index = _serve_index()
     untrusted = trustme.CA().issue_cert("127.0.0.1")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -57,7 +57,8 @@ def test_dockerfile_names_no_index() -> None:
                     if line.strip() and not line.lstrip().startswith("#")]
     for line in instructions:
         assert "://" not in line, line
-        assert "--index-url" not in line and "--trusted-host" not in line, line
+        assert "--index-url" not in line, line
+        assert "--trusted-host" not in line, line
 
 
 @pytest.mark.parametrize("architecture", IMAGE_ARCHITECTURES)
