@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import sqlite3
@@ -261,18 +262,45 @@ def command_import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def command_health(settings: Any) -> int:
-    host = settings.host
+HEALTH_OPTIONS = ("host", "port", "tls", "health_path")
+
+
+def health_target(loaded: LoadedSettings) -> dict[str, Any]:
+    """Return host, port, tls and health_path of the server to check.
+
+    Flags given to `health` itself win. Otherwise the running server's own record is used:
+    `docker run IMAGE --port 444` passes the port to the server only, and the image's
+    HEALTHCHECK runs plain `syncproxy health`.
+    """
+    settings = loaded.settings
+    target = {name: getattr(settings, name) for name in HEALTH_OPTIONS}
+    if any(loaded.sources[name] == "command line" for name in HEALTH_OPTIONS):
+        return target
+    try:
+        record = json.loads(DataDir(settings.data_dir).listening_file.read_text())
+    except FileNotFoundError:
+        return target
+    except (OSError, ValueError) as error:
+        print(f"syncproxy: warning: ignoring unreadable listening record: {error}",
+              file=sys.stderr)
+        return target
+    target.update({name: record[name] for name in HEALTH_OPTIONS if name in record})
+    return target
+
+
+def command_health(loaded: LoadedSettings) -> int:
+    target = health_target(loaded)
+    host = target["host"]
     if host in ("0.0.0.0", "", "*"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    scheme = "https" if settings.tls else "http"
-    url = f"{scheme}://{host}:{settings.port}{settings.health_path}"
+    scheme = "https" if target["tls"] else "http"
+    url = f"{scheme}://{host}:{target['port']}{target['health_path']}"
     # The check runs on the server's own machine, so it verifies liveness, not the certificate.
-    context = ssl._create_unverified_context() if settings.tls else None
+    context = ssl._create_unverified_context() if target["tls"] else None
     try:
         with urllib.request.urlopen(url, timeout=5, context=context) as response:
             print(response.read().decode("utf-8", "replace").strip())
@@ -303,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             return command_config(args, loaded)
         if args.command == "health":
-            return command_health(settings)
+            return command_health(loaded)
         if args.command == "import":
             return command_import(args, settings)
     except (SettingsError, UserError, DataDirError, CertificateError, CommandError,

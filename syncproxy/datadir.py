@@ -28,6 +28,7 @@ class DataDir:
         collections/     the sync core's SYNC_BASE: one folder per user
         tls/             generated CA and server certificate
         acme/            certbot's configuration, account, webroot and logs
+        listening.json   where the running server listens, for 'syncproxy health'
         ankisyncd-import.json
                          what 'syncproxy import ankisyncd' copied, so a rerun can tell
                          untouched collections from changed ones
@@ -47,6 +48,10 @@ class DataDir:
     @property
     def collections(self) -> Path:
         return self.root / "collections"
+
+    @property
+    def listening_file(self) -> Path:
+        return self.root / "listening.json"
 
     @property
     def ankisyncd_import_record(self) -> Path:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import ssl
 from pathlib import Path
@@ -238,6 +240,7 @@ async def run(settings: Any) -> int:
         listener.start()
         log.info("listening url=%s://%s:%d/ http=1.1-only", scheme, settings.host,
                  listener.bound_port)
+        write_listening_record(data_dir, settings, listener.bound_port)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -260,6 +263,20 @@ async def run(settings: Any) -> int:
             await upstream.stop()
     log.info("stopped")
     return 0
+
+
+def write_listening_record(data_dir: DataDir, settings: Any, port: int) -> None:
+    """Record where this server listens, so that `syncproxy health` run without the server's
+    flags (a container HEALTHCHECK after `docker run IMAGE --port 444`) checks the right port."""
+    record = {"host": settings.host, "port": port, "tls": bool(settings.tls),
+              "health_path": settings.health_path}
+    partial = data_dir.listening_file.with_suffix(".tmp")
+    try:
+        partial.write_text(json.dumps(record) + "\n")
+        os.replace(partial, data_dir.listening_file)
+    except OSError as error:
+        log.warning("cannot record the listening address for 'syncproxy health' path=%s "
+                    "error=%r", data_dir.listening_file, str(error))
 
 
 def _reload_certificate(tls: ServerTLS) -> None:
