@@ -33,6 +33,8 @@ __all__ = [
     "MalformedProxyHeader",
     "ProxyHeader",
     "build_proxy_header",
+    "is_trusted",
+    "parse_trusted_networks",
     "may_start_proxy_header",
     "parse_proxy_header",
 ]
@@ -158,3 +160,25 @@ def build_proxy_header(version: ProxyVersion, source: Address, destination: Addr
     if version == 2:
         return _V2.pack(result)
     raise ValueError(f"PROXY protocol version {version!r} is not 1 or 2")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted_networks(values: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Parse addresses and CIDR blocks allowed to send a PROXY header, raising ValueError."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"trusted PROXY protocol source {value!r} is not an IP address or CIDR block (such as 10.0.0.0/8)"
+            ) from None
+    return tuple(networks)
+
+
+def is_trusted(address: Address, networks: tuple[IPNetwork, ...]) -> bool:
+    """Return True if ``address`` lies in one of ``networks``."""
+    ip = ipaddress.ip_address(address.host)
+    return any(ip in network for network in networks)

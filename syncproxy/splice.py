@@ -31,7 +31,11 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 
 @dataclass
 class SpliceResult:
-    """Byte counts per direction and why the splice ended."""
+    """Byte counts per direction and why the splice ended.
+
+    ``reason`` is ``closed`` (both directions ended), ``idle_timeout``, or the
+    class name of the socket error that ended it, such as ``ConnectionResetError``.
+    """
 
     client_to_upstream: int = 0
     upstream_to_client: int = 0
@@ -112,11 +116,11 @@ async def splice(
         while not (forward.done() and backward.done()):
             done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if idle in done:
-                result.reason = "idle timeout"
+                result.reason = "idle_timeout"
                 break
             failed = [task.exception() for task in done if task.exception() is not None]
             if failed:
-                result.reason = f"{failed[0].__class__.__name__}: {failed[0]}"
+                result.reason = failed[0].__class__.__name__
                 break
     finally:
         for task in (forward, backward, idle):

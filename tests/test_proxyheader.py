@@ -110,3 +110,16 @@ def test_arbitrary_bytes_never_crash(data):
             parse_proxy_header(prefix + data)
         except (Incomplete, MalformedProxyHeader):
             pass
+
+
+def test_trusted_networks():
+    from syncproxy.proxyheader import is_trusted, parse_trusted_networks
+
+    networks = parse_trusted_networks(["127.0.0.1", "10.0.0.0/8", "::1"])
+    assert is_trusted(Address("10.1.2.3", 1), networks)
+    assert is_trusted(Address("127.0.0.1", 1), networks)
+    assert is_trusted(Address("::1", 1), networks)
+    assert not is_trusted(Address("127.0.0.2", 1), networks)
+    assert not is_trusted(Address("192.0.2.1", 1), networks)
+    with pytest.raises(ValueError, match="not an IP address or CIDR"):
+        parse_trusted_networks(["10.0.0.0/33"])

@@ -92,7 +92,7 @@ def test_idle_connection_is_closed():
         return result, time.monotonic() - started
 
     result, elapsed = asyncio.run(scenario())
-    assert result.reason == "idle timeout"
+    assert result.reason == "idle_timeout"
     assert 0.3 <= elapsed < 2
     assert client.recv(10) == b""
     assert upstream.recv(10) == b""
@@ -111,7 +111,7 @@ def test_activity_postpones_idle_timeout():
         return await task
 
     result = asyncio.run(scenario())
-    assert result.reason == "idle timeout"
+    assert result.reason == "idle_timeout"
     assert result.client_to_upstream == 6
 
 
