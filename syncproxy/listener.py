@@ -1,18 +1,25 @@
 """The front end's accept loop: every connection is looked at before TLS, then handed to hypercorn.
 
 hypercorn's own `serve()` wraps sockets in TLS as soon as they are accepted. syncproxy accepts
-them itself so it can decide first, from the bytes the client sent (peeked, not consumed):
-- a TLS ClientHello (first byte 0x16) goes through the TLS handshake to hypercorn;
-- plain HTTP sent to the TLS port gets a readable 400 that says to use https;
-- anything else is closed.
-After that, each connection is served by hypercorn's `TCPServer` with the HTTP/1.1-only protocol
-from `http1only`.
+them itself so it can decide first, from the bytes the client sent. `_classify` is the one place
+that decides, in this order:
+- a PROXY protocol header is read and consumed, only from a peer in `proxy_protocol_from`; its
+  client address then stands for the connection in logs and X-Forwarded-For;
+- plain HTTP sent to the TLS port gets a readable 400 that says to use https; anything else that
+  does not start with a TLS handshake record (0x16) is closed;
+- when routes are configured, the whole ClientHello is peeked and its server name picks the
+  route; a malformed, oversized or slow ClientHello closes only that connection;
+- a connection routed elsewhere is spliced there unread (`passthrough`); every other one goes
+  through the TLS handshake to hypercorn's `TCPServer` with the HTTP/1.1-only protocol from
+  `http1only`.
+Everything before the split is peeked, never consumed, except the PROXY header.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -26,6 +33,19 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
 from . import http1only
+from .clienthello import MAX_CLIENT_HELLO_SIZE, MalformedClientHello, parse_client_hello
+from .passthrough import PassthroughOptions, pass_through
+from .peek import Incomplete, PeekClosed, PeekTimeout, peek_parsed
+from .proxyheader import (
+    MAX_PROXY_HEADER_SIZE,
+    Address,
+    IPNetwork,
+    MalformedProxyHeader,
+    is_trusted,
+    may_start_proxy_header,
+    parse_proxy_header,
+)
+from .routing import Route, RoutingTable
 
 log = logging.getLogger("syncproxy.listener")
 
@@ -59,38 +79,6 @@ def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024)
     return config
 
 
-async def wait_readable(sock: socket.socket, timeout: float) -> bool:
-    """Wait until `sock` has data (or EOF); return False on timeout."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    fd = sock.fileno()
-
-    def on_readable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, on_readable)
-    try:
-        await asyncio.wait_for(ready, timeout)
-        return True
-    except asyncio.TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-
-
-async def peek(sock: socket.socket, size: int, timeout: float) -> bytes:
-    """Return up to `size` bytes the client sent, without consuming them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return sock.recv(size, socket.MSG_PEEK)
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await wait_readable(sock, remaining):
-                raise TimeoutError("no data from client") from None
-
-
 class Listener:
     """Accept connections on one address and serve them with hypercorn."""
 
@@ -102,8 +90,14 @@ class Listener:
         ssl_context: Callable[[], ssl.SSLContext] | None,
         config: Config,
         handshake_timeout: float = 30.0,
+        routing: RoutingTable | None = None,
+        passthrough: PassthroughOptions = PassthroughOptions(),
+        trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> None:
         http1only.install()
+        self.routing = routing
+        self.passthrough = passthrough
+        self.trusted_proxies = trusted_proxies
         self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.host = host
         self.port = port
@@ -164,12 +158,22 @@ class Listener:
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         try:
-            context = None
-            if self.ssl_context is not None:
-                context = self.ssl_context()
-                if not await self._is_tls(sock):
-                    return
-            reader, writer = await self._open_streams(sock, context)
+            arrival = await self._classify(sock)
+        except (OSError, TimeoutError, MalformedProxyHeader, MalformedClientHello) as error:
+            log.info("connection closed before tls client=%s error=%r", _peer(sock), str(error))
+            sock.close()
+            return
+        if arrival is None:
+            return
+        if isinstance(arrival.decision, Route):
+            await pass_through(sock, arrival.decision, client_address=arrival.client,
+                               server_name=arrival.server_name, options=self.passthrough)
+            return
+
+        try:
+            context = self.ssl_context() if self.ssl_context is not None else None
+            reader, writer = await self._open_streams(
+                sock, context, arrival.client if arrival.proxied else None)
         except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError) as error:
             log.debug("connection closed before http error=%r", str(error))
             sock.close()
@@ -177,21 +181,63 @@ class Listener:
         await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
                         self.state, reader, writer)
 
-    async def _is_tls(self, sock: socket.socket) -> bool:
-        """Answer or close connections that do not start with a TLS handshake."""
-        first = await peek(sock, 8, FIRST_BYTES_TIMEOUT)
-        if first and first[0] == TLS_HANDSHAKE_RECORD:
-            return True
+    async def _classify(self, sock: socket.socket) -> _Arrival | None:
+        """Decide where a connection goes; return None if it was answered or closed here."""
+        deadline = time.monotonic() + FIRST_BYTES_TIMEOUT
+        arrival = _Arrival(client=Address.from_sockaddr(sock.getpeername()))
+        if self.trusted_proxies and is_trusted(arrival.client, self.trusted_proxies):
+            await self._read_proxy_header(sock, arrival, deadline)
+        if self.ssl_context is None:
+            return arrival
+
+        first = await peek_parsed(sock, _some_bytes, deadline=deadline, max_size=8)
+        if first[0] != TLS_HANDSHAKE_RECORD:
+            self._reject_not_tls(sock, first, arrival.client)
+            return None
+        if self.routing is None or not self.routing.splices:
+            return arrival
+
+        hello = await peek_parsed(sock, parse_client_hello, deadline=deadline,
+                                  max_size=MAX_CLIENT_HELLO_SIZE)
+        arrival.server_name = hello.server_name
+        arrival.decision = self.routing.decide(hello.server_name)
+        return arrival
+
+    async def _read_proxy_header(self, sock: socket.socket, arrival: _Arrival,
+                                 deadline: float) -> None:
+        """Consume a PROXY header if the trusted peer sent one; a peer may also connect without."""
+        first = await peek_parsed(sock, _some_bytes, deadline=deadline, max_size=16)
+        if not may_start_proxy_header(first):
+            return
+        header = await peek_parsed(sock, parse_proxy_header, deadline=deadline,
+                                   max_size=MAX_PROXY_HEADER_SIZE)
+        consumed = 0
+        while consumed < header.size:
+            # The bytes are queued already (peeked above), so this never waits.
+            chunk = sock.recv(header.size - consumed)
+            if not chunk:
+                raise PeekClosed("connection closed inside its PROXY protocol header")
+            consumed += len(chunk)
+        if header.source is not None:
+            log.debug("proxy protocol peer=%s client=%s", arrival.client, header.source)
+            arrival.client = header.source
+            arrival.proxied = True
+
+    def _reject_not_tls(self, sock: socket.socket, first: bytes, client: Address) -> None:
+        """Answer plain HTTP with a readable 400; close anything else."""
         if first.startswith(HTTP_METHOD_PREFIXES) or first[:4].isalpha():
             with contextlib.suppress(OSError):
                 sock.sendall(PLAIN_HTTP_ON_TLS_PORT)
                 sock.shutdown(socket.SHUT_WR)
-            log.info("plain http on tls port client=%s", _peer(sock))
+            log.info("plain http on tls port client=%s", client.host)
+        else:
+            log.info("connection closed: not tls client=%s first_byte=0x%02x", client.host,
+                     first[0])
         sock.close()
-        return False
 
     async def _open_streams(
-        self, sock: socket.socket, context: ssl.SSLContext | None
+        self, sock: socket.socket, context: ssl.SSLContext | None,
+        reported_client: Address | None = None,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**16)
@@ -200,7 +246,11 @@ class Listener:
             lambda: protocol, sock, ssl=context,
             ssl_handshake_timeout=self.handshake_timeout if context else None,
         )
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if reported_client is not None:
+            writer: asyncio.StreamWriter = _ReportedPeerWriter(transport, protocol, reader, loop,
+                                                               reported_client)
+        else:
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return reader, writer
 
     async def close(self, grace: float) -> None:
@@ -221,6 +271,59 @@ class Listener:
                 log.warning("closed connections still busy after grace period count=%d",
                             len(pending))
                 await asyncio.wait(pending, timeout=5)
+
+
+@dataclasses.dataclass
+class _Arrival:
+    """What `_classify` learned about a connection before anything but a PROXY header was read."""
+
+    client: Address
+    proxied: bool = False
+    server_name: str | None = None
+    decision: Route | None = None
+
+
+def _some_bytes(data: bytes) -> bytes:
+    if not data:
+        raise Incomplete(1)
+    return data
+
+
+class _ReportedSocket:
+    """The transport's socket as hypercorn sees it, with the PROXY header's client as peer."""
+
+    def __init__(self, sock: Any, client: Address) -> None:
+        self._sock = sock
+        self._client = client
+        self.family = socket.AF_INET6 if ":" in client.host else socket.AF_INET
+
+    def getpeername(self) -> tuple[str, int]:
+        return (self._client.host, self._client.port)
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+
+class _ReportedPeerWriter(asyncio.StreamWriter):
+    """A StreamWriter whose peer is the client named in a trusted PROXY header.
+
+    hypercorn takes the ASGI scope's client from `get_extra_info("socket").getpeername()`,
+    and the proxy app's logs and X-Forwarded-For come from that scope.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol,
+                 reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop,
+                 client: Address) -> None:
+        super().__init__(transport, protocol, reader, loop)
+        self._client = client
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        value = super().get_extra_info(name, default)
+        if name == "socket" and value is not None:
+            return _ReportedSocket(value, self._client)
+        if name == "peername":
+            return (self._client.host, self._client.port)
+        return value
 
 
 def _peer(sock: socket.socket) -> str:

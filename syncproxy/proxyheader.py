@@ -30,6 +30,7 @@ from .peek import Incomplete
 __all__ = [
     "MAX_PROXY_HEADER_SIZE",
     "Address",
+    "IPNetwork",
     "MalformedProxyHeader",
     "ProxyHeader",
     "build_proxy_header",
@@ -51,6 +52,7 @@ _V1 = ProxyProtocolV1()
 _V2 = ProxyProtocolV2()
 
 ProxyVersion = Literal[1, 2]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,6 @@ def build_proxy_header(version: ProxyVersion, source: Address, destination: Addr
         return _V2.pack(result)
     raise ValueError(f"PROXY protocol version {version!r} is not 1 or 2")
 
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_trusted_networks(values: list[str] | tuple[str, ...]) -> tuple[IPNetwork, ...]:

@@ -23,6 +23,7 @@ from .datadir import DataDir
 from .gate import RequestGate
 from .listener import Listener, hypercorn_config
 from .proxy import ProxyApp
+from .settings import passthrough_options, routing_table, trusted_proxy_networks
 from .tls import CertificatePaths, create_server_context, ensure_generated
 from .users import User, UserError, UserStore
 
@@ -235,12 +236,20 @@ async def run(settings: Any) -> int:
             health=health,
         )
         listener = Listener(app, settings.host, settings.port, tls.current if tls else None,
-                            hypercorn_config(settings.keep_alive_timeout))
+                            hypercorn_config(settings.keep_alive_timeout),
+                            routing=routing_table(settings),
+                            passthrough=passthrough_options(settings),
+                            trusted_proxies=trusted_proxy_networks(settings))
         listener.open()
         listener.start()
         log.info("listening url=%s://%s:%d/ http=1.1-only", scheme, settings.host,
                  listener.bound_port)
         write_listening_record(data_dir, settings, listener.bound_port)
+        if listener.routing is not None and listener.routing.splices:
+            log.info("routing by server name sync_names=%s routes=%s passthrough=%s no_sni=%s "
+                     "proxy_protocol=%s", ",".join(settings.sync_name) or "-",
+                     ",".join(settings.route) or "-", settings.passthrough or "-",
+                     settings.no_sni, settings.passthrough_proxy_protocol)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -25,6 +25,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from .passthrough import PassthroughOptions
+from .proxyheader import IPNetwork, parse_trusted_networks
+from .routing import RoutingTable, parse_host_port, parse_route
+
 ENV_PREFIX = "SYNCPROXY_"
 CONFIG_FILE_NAME = "syncproxy.toml"
 
@@ -94,6 +98,22 @@ OPTIONS: tuple[Option, ...] = (
            "syncproxy is stopped", minimum=0, maximum=86400),
     Option("health_path", "str", "/_syncproxy/health", "path of syncproxy's own health check"),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
+    Option("sync_name", "list", (), "server name (SNI) whose TLS the front end terminates; "
+           "'*.example.com' matches one label (repeatable). With --passthrough or --route, "
+           "other names are passed through unread"),
+    Option("passthrough", "str", "", "HOST:PORT that receives, still encrypted, every TLS "
+           "connection whose name is neither a sync name nor a --route name"),
+    Option("route", "list", (), "NAME=HOST:PORT: pass TLS connections for this server name "
+           "or '*.example.com' wildcard to HOST:PORT (repeatable)"),
+    Option("no_sni", "str", "terminate", "where a TLS connection without a server name (SNI) "
+           "goes", choices=("terminate", "passthrough")),
+    Option("passthrough_proxy_protocol", "str", "off", "PROXY protocol header sent first to "
+           "passthrough routes so they see the client's address", choices=("off", "v1", "v2")),
+    Option("passthrough_idle_timeout", "float", 600.0, "seconds a passed-through connection "
+           "may move no bytes before it is closed", minimum=1, maximum=86400),
+    Option("proxy_protocol_from", "list", (), "address or CIDR block allowed to send a PROXY "
+           "protocol header to the front end, e.g. a load balancer (repeatable); its address "
+           "then replaces the peer's in logs and X-Forwarded-For"),
 )
 
 OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -303,5 +323,36 @@ def validate(settings: Any) -> None:
         if settings.health_path == reserved or settings.health_path.startswith(reserved + "/"):
             raise SettingsError(f"health_path {settings.health_path!r} collides with the sync "
                                 f"protocol's {reserved}/ paths; choose another path")
+    routing_table(settings)
+    trusted_proxy_networks(settings)
     if settings.upstream and not settings.upstream.startswith(("http://", "https://")):
         raise SettingsError(f"upstream {settings.upstream!r} must be an http:// or https:// URL")
+
+
+def routing_table(settings: Any) -> RoutingTable:
+    """Build the server-name routes from the settings, raising SettingsError if invalid."""
+    try:
+        passthrough = parse_host_port(settings.passthrough, what="passthrough") if settings.passthrough else None
+        routes = [parse_route(value) for value in settings.route]
+        table = RoutingTable.build(settings.sync_name, routes, passthrough, settings.no_sni)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    if table.splices and not settings.tls:
+        raise SettingsError("--passthrough and --route need TLS: routing reads the server name "
+                            "from the TLS handshake; remove --no-tls or the routes")
+    return table
+
+
+def trusted_proxy_networks(settings: Any) -> tuple[IPNetwork, ...]:
+    """Parse proxy_protocol_from, raising SettingsError if an entry is invalid."""
+    try:
+        return parse_trusted_networks(settings.proxy_protocol_from)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
+def passthrough_options(settings: Any) -> PassthroughOptions:
+    """Return the options every passed-through connection shares."""
+    versions = {"off": None, "v1": 1, "v2": 2}
+    return PassthroughOptions(proxy_protocol=versions[settings.passthrough_proxy_protocol],
+                              idle_timeout=settings.passthrough_idle_timeout)
