@@ -40,6 +40,8 @@ from .proxyheader import (
     MAX_PROXY_HEADER_SIZE,
     Address,
     IPNetwork,
+    V1_SIGNATURE,
+    V2_SIGNATURE,
     MalformedProxyHeader,
     is_trusted,
     may_start_proxy_header,
@@ -225,7 +227,10 @@ class Listener:
 
     def _reject_not_tls(self, sock: socket.socket, first: bytes, client: Address) -> None:
         """Answer plain HTTP with a readable 400; close anything else."""
-        if first.startswith(HTTP_METHOD_PREFIXES) or first[:4].isalpha():
+        if first.startswith((V1_SIGNATURE, V2_SIGNATURE[:8])):
+            log.warning("connection closed: proxy protocol header from untrusted peer client=%s; "
+                        "list the sender in proxy_protocol_from to accept it", client.host)
+        elif first.startswith(HTTP_METHOD_PREFIXES) or first[:4].isalpha():
             with contextlib.suppress(OSError):
                 sock.sendall(PLAIN_HTTP_ON_TLS_PORT)
                 sock.shutdown(socket.SHUT_WR)

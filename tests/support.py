@@ -128,8 +128,10 @@ class SyncProxy:
 class AnkiClient:
     """One Anki profile: a collection file driven through tests/anki_client.py."""
 
-    def __init__(self, directory: Path, endpoint: str, ca_file: Path | None) -> None:
+    def __init__(self, directory: Path, endpoint: str, ca_file: Path | None,
+                 wrapper: Sequence[str] = ()) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.wrapper = tuple(wrapper)  # a command prefix, e.g. one giving it its own /etc/hosts
         self.collection = directory / "collection.anki2"
         self.endpoint = endpoint
         self.ca_file = ca_file
@@ -143,7 +145,8 @@ class AnkiClient:
         if self.ca_file is not None:
             environment["SSL_CERT_FILE"] = str(self.ca_file)
         result = subprocess.run(
-            [sys.executable, str(ANKI_CLIENT), action, str(self.collection), *args],
+            [*self.wrapper, sys.executable, str(ANKI_CLIENT), action, str(self.collection),
+             *args],
             input=input, capture_output=True, text=True, env=environment, timeout=600,
         )
         if result.returncode != 0:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import trustme
 
-from tests.nginx import NGINX, Nginx
+from nginx_server import NGINX, Nginx
 
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed (apt-get install nginx)")
 

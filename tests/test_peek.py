@@ -10,7 +10,7 @@ import pytest
 
 from syncproxy.clienthello import parse_client_hello
 from syncproxy.peek import PeekClosed, PeekTimeout, peek_parsed
-from tests.test_clienthello import openssl_client_hello
+from test_clienthello import openssl_client_hello
 
 
 @pytest.fixture
