@@ -2,8 +2,8 @@
 
 The front end must decide where a connection goes before any TLS library
 touches it, so this module parses the raw bytes a client sent first. It is
-pure: it takes the bytes peeked so far and either returns the result, says
-how many bytes it needs before it can say more, or rejects the input.
+pure: it takes the bytes peeked so far and either returns the result, raises
+the count of bytes it needs before it can go on, or rejects the input.
 
 What it accepts (RFC 8446 section 4.1.2, RFC 5246 section 6.2, RFC 6066
 section 3):
@@ -34,9 +34,9 @@ __all__ = [
     "parse_client_hello",
 ]
 
-# A ClientHello with post-quantum key shares and padding is about 2 KB; the
-# cap leaves ample room while bounding what one slow client can make the
-# front end hold in the kernel's receive buffer.
+# A browser's ClientHello with post-quantum key shares and padding is about
+# 2 KB (an estimate for current Chrome and Firefox). The cap leaves ample room
+# and bounds what one slow client can make the kernel buffer for it.
 MAX_CLIENT_HELLO_SIZE = 16 * 1024
 
 _RECORD_HEADER = struct.Struct("!BBBH")
@@ -58,7 +58,7 @@ class MalformedClientHello(ValueError):
 
 @dataclass(frozen=True)
 class ClientHello:
-    """What routing needs from a ClientHello.
+    """The fields of a ClientHello that routing uses.
 
     ``server_name`` is the SNI host name in lower case without a trailing dot,
     or None when the client sent none. ``size`` counts the record bytes that
@@ -129,18 +129,18 @@ class _Reader:
         self.data = data
         self.pos = 0
 
-    def take(self, count: int, what: str) -> bytes:
+    def take(self, count: int, field: str) -> bytes:
         if self.pos + count > len(self.data):
-            raise MalformedClientHello(f"{what} runs past the end of the ClientHello")
+            raise MalformedClientHello(f"{field} runs past the end of the ClientHello")
         chunk = self.data[self.pos : self.pos + count]
         self.pos += count
         return chunk
 
-    def integer(self, width: int, what: str) -> int:
-        return int.from_bytes(self.take(width, what), "big")
+    def integer(self, width: int, field: str) -> int:
+        return int.from_bytes(self.take(width, field), "big")
 
-    def vector(self, length_width: int, what: str) -> bytes:
-        return self.take(self.integer(length_width, f"{what} length"), what)
+    def vector(self, length_width: int, field: str) -> bytes:
+        return self.take(self.integer(length_width, f"{field} length"), field)
 
     def at_end(self) -> bool:
         return self.pos == len(self.data)

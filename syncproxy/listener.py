@@ -3,8 +3,8 @@
 hypercorn's own `serve()` wraps sockets in TLS as soon as they are accepted. syncproxy accepts
 them itself so it can decide first, from the bytes the client sent. `_classify` is the one place
 that decides, in this order:
-- a PROXY protocol header is read and consumed, only from a peer in `proxy_protocol_from`; its
-  client address then stands for the connection in logs and X-Forwarded-For;
+- a PROXY protocol header is read and consumed, but only from a peer in `proxy_protocol_from`.
+  Its client address then replaces the peer's in logs and X-Forwarded-For;
 - plain HTTP sent to the TLS port gets a readable 400 that says to use https; anything else that
   does not start with a TLS handshake record (0x16) is closed;
 - when routes are configured, the whole ClientHello is peeked and its server name picks the
@@ -215,7 +215,7 @@ class Listener:
                                    max_size=MAX_PROXY_HEADER_SIZE)
         consumed = 0
         while consumed < header.size:
-            # The bytes are queued already (peeked above), so this never waits.
+            # The bytes are queued already (peeked above), so this recv returns at once.
             chunk = sock.recv(header.size - consumed)
             if not chunk:
                 raise PeekClosed("connection closed inside its PROXY protocol header")
@@ -280,7 +280,7 @@ class Listener:
 
 @dataclasses.dataclass
 class _Arrival:
-    """What `_classify` learned about a connection before anything but a PROXY header was read."""
+    """The facts `_classify` gathered about a connection from peeked bytes and a PROXY header."""
 
     client: Address
     proxied: bool = False
@@ -295,7 +295,7 @@ def _some_bytes(data: bytes) -> bytes:
 
 
 class _ReportedSocket:
-    """The transport's socket as hypercorn sees it, with the PROXY header's client as peer."""
+    """A stand-in for the transport's socket that reports the PROXY header's client as peer."""
 
     def __init__(self, sock: Any, client: Address) -> None:
         self._sock = sock

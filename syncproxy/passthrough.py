@@ -2,7 +2,7 @@
 
 Connects to the route, writes a PROXY protocol header first if configured,
 then splices. The client's bytes, ClientHello included, are still unread in
-the accepted socket's receive queue, so the route sees the TLS stream exactly
+the accepted socket's receive queue, so the route receives the TLS stream exactly
 as the client sent it.
 """
 
@@ -46,7 +46,7 @@ async def _connect(route: Route, timeout: float) -> socket.socket:
             await asyncio.wait_for(loop.sock_connect(upstream, address), timeout)
         except (OSError, asyncio.TimeoutError) as error:
             upstream.close()
-            last_error = error if isinstance(error, OSError) else TimeoutError(f"no answer within {timeout} s")
+            last_error = error if isinstance(error, OSError) else TimeoutError(f"connect to {route} timed out after {timeout} s")
             continue
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return upstream

@@ -2,8 +2,8 @@
 
 The front end classifies a connection (PROXY protocol header, TLS ClientHello
 and its server name, plain HTTP) before anything reads from the socket, so
-that whoever takes the connection next (the TLS layer or a splice) sees every
-byte the client sent. ``recv(MSG_PEEK)`` returns the same bytes again until
+that the next reader (the TLS layer or a splice) receives every byte the
+client sent. ``recv(MSG_PEEK)`` returns the same bytes again until
 more arrive, and the socket stays readable while any byte waits. To sleep
 until the bytes a parser asked for are there, instead of spinning, the wait
 sets ``SO_RCVLOWAT`` to that count: Linux then reports the socket readable

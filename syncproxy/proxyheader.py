@@ -3,9 +3,9 @@
 The PROXY protocol (HAProxy's specification, versions 1 and 2) puts the
 original client and server addresses in front of a TCP stream, so a server
 behind a relay can log and act on the real client address. The encoding and
-decoding is done by the ``proxy-protocol`` package; this module adds what a
-front end needs around it: a size cap, a byte count to consume exactly the
-header and nothing after it, and one address type.
+decoding is done by the ``proxy-protocol`` package. This module adds what a
+front end needs around it: a size cap, the header's byte count (so exactly the
+header is consumed and nothing after it), and one address type.
 
 Only TCP over IPv4 and IPv6 is carried. A v1 ``UNKNOWN`` header or a v2
 ``LOCAL`` command (what health checks send) yields no address, and the

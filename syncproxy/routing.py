@@ -10,7 +10,7 @@ The rules, applied in this order:
    follows, so a terminated name is always one the certificate can cover.
 3. Otherwise the ``--passthrough`` route, if set, and else termination.
 
-A connection without SNI is terminated unless ``no_sni`` says
+A connection without SNI is terminated unless ``no_sni`` is
 ``passthrough``. Names compare case-insensitively without a trailing dot.
 """
 

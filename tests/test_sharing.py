@@ -260,10 +260,15 @@ def test_garbage_closed_others_unaffected(nginx, shared):
                           get("sync.test", "/_syncproxy/health"), lambda h: [h])
     assert health.startswith(b"HTTP/1.1 200")
     download.join(60)
-    assert results and results[0]["version"] == "2" and int(results[0]["size"]) == BIG_SIZE
+    [download_result] = results
+    assert download_result["version"] == "2"
+    assert int(download_result["size"]) == BIG_SIZE
 
     assert closed_by_server(slow, 15)
     slow.close()
+    log = shared.log()
+    assert log.count("connection closed before tls") >= len(garbage_inputs)
+    assert "timed out waiting for the first bytes" in log
 
 
 def tls_hello(server_name: str) -> bytes:

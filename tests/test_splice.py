@@ -103,7 +103,8 @@ def test_activity_postpones_idle_timeout():
     upstream, upstream_inside = socket_pair()
 
     async def scenario():
-        task = asyncio.create_task(splice(client_inside, upstream_inside, idle_timeout=0.4))
+        # Six sends 0.2 s apart span longer than the timeout; each one restarts it.
+        task = asyncio.create_task(splice(client_inside, upstream_inside, idle_timeout=1.0))
         for _ in range(6):
             await asyncio.to_thread(client.sendall, b"x")
             await asyncio.sleep(0.2)
