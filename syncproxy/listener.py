@@ -109,6 +109,7 @@ class Listener:
         self.context = WorkerContext(None)
         self.state: dict[str, Any] = {}
         self.connections: set[asyncio.Task] = set()
+        self.spliced: set[asyncio.Task] = set()
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
 
@@ -168,8 +169,14 @@ class Listener:
         if arrival is None:
             return
         if isinstance(arrival.decision, Route):
-            await pass_through(sock, arrival.decision, client_address=arrival.client,
-                               server_name=arrival.server_name, options=self.passthrough)
+            task = asyncio.current_task()
+            assert task is not None
+            self.spliced.add(task)
+            try:
+                await pass_through(sock, arrival.decision, client_address=arrival.client,
+                                   server_name=arrival.server_name, options=self.passthrough)
+            finally:
+                self.spliced.discard(task)
             return
 
         try:
@@ -268,14 +275,23 @@ class Listener:
             self._socket.close()
         # Tells hypercorn to close each keep-alive connection after its current request.
         await self.context.terminated.set()
-        if self.connections:
-            done, pending = await asyncio.wait(set(self.connections), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("closed connections still busy after grace period count=%d",
-                            len(pending))
-                await asyncio.wait(pending, timeout=5)
+        pending: set[asyncio.Task] = set()
+        served = self.connections - self.spliced
+        if served:
+            _, pending = await asyncio.wait(served, timeout=grace)
+        if pending:
+            log.warning("closed connections still busy after grace period count=%d",
+                        len(pending))
+        # A browser may keep an idle HTTP/2 connection to the passed-through site open for
+        # minutes. Waiting for it would hold the stop for the whole grace period, and the
+        # browser reconnects anyway, so spliced connections end once the served ones have.
+        spliced = {task for task in self.spliced if not task.done()}
+        if spliced:
+            log.info("closing passed-through connections count=%d", len(spliced))
+        for task in pending | spliced:
+            task.cancel()
+        if pending or spliced:
+            await asyncio.wait(pending | spliced, timeout=5)
 
 
 @dataclasses.dataclass

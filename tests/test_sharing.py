@@ -306,3 +306,20 @@ def test_rejects_proxy_header_from_untrusted_peer(tmp_path):
             assert closed_by_server(sock, 5)
     assert "proxy protocol header from untrusted peer client=127.0.0.1" in server.log()
     assert "192.0.2.7" not in server.log()
+
+
+def test_stop_closes_idle_passthrough(tmp_path, nginx):
+    server = start_shared(tmp_path, nginx, "--passthrough-proxy-protocol", "v1")
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        context = ssl.create_default_context(cafile=str(nginx.ca_file))
+        idle_tls = context.wrap_socket(idle, server_hostname="www.test")  # nginx's handshake
+        assert idle_tls.version() is not None
+
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 15  # far below the 300 s shutdown grace
+        assert closed_by_server(idle_tls, 5)
+    finally:
+        idle.close()
+    assert "closing passed-through connections count=1" in server.log()
