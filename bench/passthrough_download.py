@@ -3,7 +3,8 @@
 Starts Debian's nginx (the test harness's setup: www.test, HTTP/2, PROXY protocol required) and
 syncproxy in front of it with `--passthrough` and a v1 PROXY header, then downloads one file with
 curl, alternating direct and spliced runs. Reports the median throughput of each, their ratio,
-and syncproxy's resident memory before, during (peak of samples every 20 ms) and after.
+syncproxy's CPU time per spliced run, and its resident memory before, during (peak of samples
+every 20 ms) and after.
 
     python bench/passthrough_download.py [--size-mb 200] [--runs 3]
 
@@ -38,6 +39,12 @@ def resident_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class MemorySampler:
@@ -101,7 +108,9 @@ def main() -> None:
             with MemorySampler(pid) as sampler:
                 for _ in range(args.runs):
                     direct.append(download(nginx.port, nginx, "--haproxy-protocol"))
+                    cpu_before = cpu_seconds(pid)
                     spliced.append(download(proxy.port, nginx))
+                    spliced[-1]["syncproxy_cpu_s"] = cpu_seconds(pid) - cpu_before
             rss_after = resident_kib(pid)
         finally:
             proxy.stop()
@@ -116,6 +125,8 @@ def main() -> None:
         "median_direct_mb_per_s": round(direct_speed),
         "median_spliced_mb_per_s": round(spliced_speed),
         "ratio": round(spliced_speed / direct_speed, 3),
+        "syncproxy_cpu_s_per_spliced_run": [round(run["syncproxy_cpu_s"], 2) for run in spliced],
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "syncproxy_rss_kib": {"before": rss_before, "peak": sampler.peak, "after": rss_after},
     }, indent=2))
 

@@ -23,7 +23,7 @@ import pytest
 import trustme
 
 from nginx_server import NGINX, Nginx
-from support import AnkiClient, SyncProxy, add_user
+from support import AnkiClient, SyncProxy, add_user, free_port
 from test_clienthello import refragment
 
 PAGE = b"served by nginx over http/2\n"
@@ -323,3 +323,22 @@ def test_stop_closes_idle_passthrough(tmp_path, nginx):
     finally:
         idle.close()
     assert "closing passed-through connections count=1" in server.log()
+
+
+def test_route_by_name_and_dead_route(tmp_path, nginx):
+    dead_port = free_port()  # nothing listens there
+    data_dir = tmp_path / "data"
+    add_user(data_dir, USER, PASSWORD)
+    server = SyncProxy(
+        data_dir, "--sync-name", "sync.test", "--route", f"www.test=127.0.0.1:{nginx.port}",
+        "--passthrough", f"127.0.0.1:{dead_port}", "--passthrough-proxy-protocol", "v2",
+    ).start()
+    try:
+        assert curl_www(server.port, nginx, "page.txt")["version"] == "2"
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(tls_hello("other.test"))
+            assert closed_by_server(sock, 15)
+    finally:
+        server.stop()
+    assert "passthrough connect failed client=127.0.0.1:" in server.log()
+    assert f"sni=other.test route=127.0.0.1:{dead_port}" in server.log()
