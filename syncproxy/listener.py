@@ -33,16 +33,16 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
 from . import http1only
-from .clienthello import MAX_CLIENT_HELLO_SIZE, MalformedClientHello, parse_client_hello
+from .clienthello import MAX_CLIENT_HELLO_SIZE, parse_client_hello
 from .passthrough import PassthroughOptions, pass_through
-from .peek import Incomplete, PeekClosed, PeekTimeout, peek_parsed
+from .peek import Incomplete, PeekClosed, peek_parsed
 from .proxyheader import (
     MAX_PROXY_HEADER_SIZE,
     Address,
     IPNetwork,
     V1_SIGNATURE,
     V2_SIGNATURE,
-    MalformedProxyHeader,
+    ProxyHeader,
     is_trusted,
     may_start_proxy_header,
     parse_proxy_header,
@@ -162,8 +162,15 @@ class Listener:
     async def _serve_connection(self, sock: socket.socket) -> None:
         try:
             arrival = await self._classify(sock)
-        except (OSError, TimeoutError, MalformedProxyHeader, MalformedClientHello) as error:
+        # ValueError covers MalformedProxyHeader and MalformedClientHello. TimeoutError is an
+        # OSError, so it must be caught first.
+        except (TimeoutError, ValueError) as error:
             log.info("connection closed before tls client=%s error=%r", _peer(sock), str(error))
+            sock.close()
+            return
+        except OSError as error:
+            # A TCP health probe connects and closes at once; that is not worth an info line.
+            log.debug("connection closed before tls client=%s error=%r", _peer(sock), str(error))
             sock.close()
             return
         if arrival is None:
@@ -215,11 +222,10 @@ class Listener:
     async def _read_proxy_header(self, sock: socket.socket, arrival: _Arrival,
                                  deadline: float) -> None:
         """Consume a PROXY header if the trusted peer sent one; a peer may also connect without."""
-        first = await peek_parsed(sock, _some_bytes, deadline=deadline, max_size=16)
-        if not may_start_proxy_header(first):
-            return
-        header = await peek_parsed(sock, parse_proxy_header, deadline=deadline,
+        header = await peek_parsed(sock, _proxy_header_or_none, deadline=deadline,
                                    max_size=MAX_PROXY_HEADER_SIZE)
+        if header is None:
+            return
         consumed = 0
         while consumed < header.size:
             # The bytes are queued already (peeked above), so this recv returns at once.
@@ -302,6 +308,14 @@ class _Arrival:
     proxied: bool = False
     server_name: str | None = None
     decision: Route | None = None
+
+
+def _proxy_header_or_none(data: bytes) -> ProxyHeader | None:
+    if not data:
+        raise Incomplete(1)
+    if not may_start_proxy_header(data):
+        return None
+    return parse_proxy_header(data)
 
 
 def _some_bytes(data: bytes) -> bytes:
