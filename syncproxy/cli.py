@@ -22,7 +22,13 @@ from .core import CoreError
 from .datadir import DataDir, DataDirError
 from .importing import MigrationError
 from .settings import OPTIONS, LoadedSettings, SettingsError, convert_cli_value, load_settings
-from .tls import CertificateError, CertificatePaths, ensure_generated, trust_anchor_pem
+from .tls import (
+    CertificateError,
+    CertificatePaths,
+    ensure_generated,
+    generated_names,
+    trust_anchor_pem,
+)
 from .users import UserError, UserStore
 
 COMMANDS = ("serve", "user", "cert", "config", "health", "import")
@@ -195,7 +201,7 @@ def command_cert(args: argparse.Namespace, settings: Any) -> int:
     else:
         data_dir = DataDir(settings.data_dir)
         data_dir.prepare()
-        paths = ensure_generated(data_dir.tls_dir, tuple(settings.hostname))
+        paths = ensure_generated(data_dir.tls_dir, generated_names(settings))
     sys.stdout.write(trust_anchor_pem(paths).decode("ascii"))
     return 0
 

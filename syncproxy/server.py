@@ -24,7 +24,7 @@ from .gate import RequestGate
 from .listener import Listener, hypercorn_config
 from .proxy import ProxyApp
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
-from .tls import CertificatePaths, create_server_context, ensure_generated
+from .tls import CertificatePaths, create_server_context, ensure_generated, generated_names
 from .users import User, UserError, UserStore
 
 log = logging.getLogger("syncproxy")
@@ -177,7 +177,7 @@ def prepare_tls(settings: Any, data_dir: DataDir) -> ServerTLS | None:
         paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
                                  source="files")
     else:
-        paths = ensure_generated(data_dir.tls_dir, tuple(settings.hostname))
+        paths = ensure_generated(data_dir.tls_dir, generated_names(settings))
     return ServerTLS(paths)
 
 

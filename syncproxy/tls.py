@@ -205,6 +205,12 @@ def _normalize(name: str) -> str:
         return name
 
 
+def generated_names(settings: object) -> tuple[str, ...]:
+    """Return the names a generated certificate must cover beyond the machine's own:
+    every --hostname and every --sync-name (wildcards included)."""
+    return tuple(dict.fromkeys([*settings.hostname, *getattr(settings, "sync_name", ())]))
+
+
 def ensure_generated(tls_dir: Path, extra_names: tuple[str, ...] = ()) -> CertificatePaths:
     """Create the local CA and server certificate if needed, and return their paths."""
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
