@@ -13,7 +13,8 @@ needs no root and keeps its state across container re-creation:
 What happened is decided from exit codes and files only (the account
 directory, ``live/NAME/``, the challenge requests our own listener saw),
 never from certbot's console output, which is not a stable interface.
-certbot's error text is only relayed to the log for a person to read.
+certbot's output (which carries what the CA said) is only relayed to the log
+for a person to read.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ CHECK_JITTER = 3600.0
 # A failed check is retried after these delays, then at the regular interval.
 RETRY_DELAYS = (300.0, 1800.0, 7200.0)
 CERTBOT_TIMEOUT = 600.0
-STDERR_LINES_LOGGED = 4
+# certbot's output after a failure is relayed, unparsed, up to this many characters.
+OUTPUT_CHARS_LOGGED = 1500
 
 CERTBOT_COMMAND = (sys.executable, "-c", "import sys; from certbot.main import main; sys.exit(main())")
 
@@ -71,7 +73,7 @@ class CertbotRun:
     step: str
     exit_code: int
     seconds: float
-    stderr_tail: str
+    output: str
     challenge_requests: int = 0
     challenge_served: int = 0
 
@@ -181,7 +183,7 @@ class Certbot:
             "--work-dir", str(self.work_dir),
             "--logs-dir", str(self.logs_dir),
             "--server", self.options.server,
-            "--non-interactive", "--quiet",
+            "--non-interactive",
         ]
 
     def _env(self) -> dict[str, str]:
@@ -198,29 +200,30 @@ class Certbot:
         process = await asyncio.create_subprocess_exec(
             *CERTBOT_COMMAND, *args, *self._common_args(),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             env=self._env(),
         )
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(), CERTBOT_TIMEOUT)
+            output, _ = await asyncio.wait_for(process.communicate(), CERTBOT_TIMEOUT)
             exit_code = process.returncode
         except asyncio.TimeoutError:
             process.kill()
-            _, stderr = await process.communicate()
+            output, _ = await process.communicate()
             exit_code = -1
-            stderr += f"\ncertbot did not finish within {CERTBOT_TIMEOUT:.0f} s and was stopped".encode()
+            output += f"\ncertbot did not finish within {CERTBOT_TIMEOUT:.0f} s and was stopped".encode()
         except asyncio.CancelledError:
             process.kill()
             await process.wait()
             raise
 
-        lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+        lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
+        text = " | ".join(line for line in lines if not line.startswith("- - -"))
         return CertbotRun(
             step=step,
             exit_code=exit_code,
             seconds=time.monotonic() - started,
-            stderr_tail=" | ".join(lines[-STDERR_LINES_LOGGED:]),
+            output=text if len(text) <= OUTPUT_CHARS_LOGGED else text[:OUTPUT_CHARS_LOGGED] + "...",
             challenge_requests=self.challenge_requests.total - requests_before,
             challenge_served=self.challenge_requests.served - served_before,
         )
@@ -339,7 +342,7 @@ class AcmeManager:
             "acme %s failed names=%s exit_code=%s challenge_requests=%d what_to_check=%r "
             "certbot_output=%r log=%s",
             run.step, ",".join(self.options.domains), run.exit_code, run.challenge_requests,
-            hint, run.stderr_tail, self.certbot.log_file,
+            hint, run.output, self.certbot.log_file,
         )
         self.status.last_result = "failed"
         self.status.last_error = f"{run.step}: {hint}"
