@@ -20,6 +20,7 @@ for a person to read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -32,8 +33,10 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
-from .acme_http import ChallengeRequests
-from .certreload import CertificateError, describe_certificate
+from .acme_http import ChallengeApp, ChallengeRequests
+from .certreload import ReloadingCertificate, describe_certificate
+from .listener import Listener, hypercorn_config
+from .tls import CertificateError
 
 log = logging.getLogger("syncproxy.acme")
 
@@ -122,6 +125,9 @@ class Certbot:
         self.webroot = acme_dir / "webroot"
         self.status_file = acme_dir / "status.json"
         self.challenge_requests = challenge_requests or ChallengeRequests()
+
+    def prepare(self) -> None:
+        """Create certbot's directories; only the server does, so ``cert status`` writes nothing."""
         for directory in (self.config_dir, self.work_dir, self.logs_dir, self.webroot):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -194,6 +200,7 @@ class Certbot:
         return env
 
     async def run(self, step: str, args: list[str]) -> CertbotRun:
+        self.prepare()
         requests_before = self.challenge_requests.total
         served_before = self.challenge_requests.served
         started = time.monotonic()
@@ -381,3 +388,54 @@ class AcmeManager:
             else:
                 log.info("acme next renewal check next_check=%s", self.status.next_check)
             await asyncio.sleep(delay)
+
+
+def options_from(settings) -> AcmeOptions:
+    return AcmeOptions(
+        domains=tuple(settings.domain),
+        email=settings.acme_email or None,
+        server=settings.acme_server,
+        ca_bundle=Path(settings.acme_ca_bundle) if settings.acme_ca_bundle else None,
+        http_port=settings.http_port,
+    )
+
+
+class AcmeService:
+    """The plain-HTTP listener plus the background certbot schedule, as the server runs them."""
+
+    def __init__(self, settings, acme_dir: Path, certificate: ReloadingCertificate, https_port: int) -> None:
+        self.options = options_from(settings)
+        self.certificate = certificate
+        self.certbot = Certbot(self.options, acme_dir)
+        app = ChallengeApp(self.certbot.webroot, https_port, self.certbot.challenge_requests)
+        self.listener = Listener(app, settings.host, settings.http_port, None,
+                                 hypercorn_config(settings.keep_alive_timeout))
+        self.manager = AcmeManager(self.certbot, self._install)
+        self.task: Optional[asyncio.Task] = None
+
+    def _install(self, fullchain: Path, privkey: Path) -> bool:
+        return self.certificate.switch(fullchain, privkey, "acme")
+
+    def start(self) -> None:
+        self.certbot.prepare()
+        try:
+            self.listener.open()
+        except OSError as error:
+            raise OSError(error.errno, f"{error.strerror}. The plain-HTTP listener answers the ACME "
+                          f"HTTP-01 challenge: run with permission to bind port {self.options.http_port} "
+                          f"(CAP_NET_BIND_SERVICE) or pick --http-port 8080 and forward port 80 "
+                          f"to it") from None
+        self.listener.start()
+        log.info("acme challenge listener url=http://%s:%d/.well-known/acme-challenge/ names=%s",
+                 self.listener.host, self.listener.bound_port, ",".join(self.options.domains))
+        # A certificate from an earlier run is served at once, even while a new one is requested.
+        if self.certbot.lineage_names() is not None:
+            self._install(self.certbot.fullchain, self.certbot.privkey)
+        self.task = asyncio.create_task(self.manager.run_forever(), name="acme")
+
+    async def close(self, grace: float) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.listener.close(grace)

@@ -1,4 +1,4 @@
-"""The front end's certificate: TLS policy, validation and reload without restart.
+"""The front end's certificate: validation, and reload without restart.
 
 Rules this module keeps:
 - The listener holds one SSLContext for its whole life. Its ``sni_callback``
@@ -31,12 +31,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-log = logging.getLogger("syncproxy.certs")
+from .tls import CertificateError, create_policy_context
 
-# TLS 1.2 suites with forward secrecy (ECDHE) and an AEAD cipher only. TLS 1.3
-# suites are all of that kind and are left at OpenSSL's defaults.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-ALPN_PROTOCOLS = ["http/1.1"]
+log = logging.getLogger("syncproxy.certs")
 
 WATCH_INTERVAL = 1.0
 # A change is loaded only once the files have stopped changing for this long,
@@ -45,26 +42,6 @@ SETTLE_TIME = 0.5
 SETTLE_MAX = 5.0
 
 SOURCES = ("files", "generated", "acme")
-
-
-class CertificateError(Exception):
-    """A certificate/key pair that cannot be served; the message says why."""
-
-
-def policy_context() -> ssl.SSLContext:
-    """Build a server context with the front end's TLS policy and no certificate."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.maximum_version = ssl.TLSVersion.TLSv1_3
-    context.set_ciphers(TLS12_CIPHERS)
-    context.options |= (
-        ssl.OP_NO_COMPRESSION
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_SINGLE_ECDH_USE
-    )
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
-    return context
 
 
 @dataclass(frozen=True)
@@ -138,7 +115,7 @@ def load_pair(cert_path: Path, key_path: Path, scratch_dir: Path) -> tuple[ssl.S
     if info.not_before > now:
         raise CertificateError(f"the certificate is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC")
 
-    context = policy_context()
+    context = create_policy_context()
     _load_from_memory(context, key_pem, chain_pem, scratch_dir)
     return context, info
 
@@ -188,10 +165,14 @@ class ReloadingCertificate:
         self.listeners: list[Callable[[CertificateInfo], None]] = []
 
         # Holds no certificate itself: the callback gives each handshake one.
-        self.context = policy_context()
+        self.context = create_policy_context()
         self.context.sni_callback = self._pick_context
         self._warn_if_leaf_only(info)
         log.info("certificate loaded %s", self._fields(info))
+
+    def current(self) -> ssl.SSLContext:
+        """Return the context to wrap a new connection with (the listener calls this)."""
+        return self.context
 
     def _pick_context(self, ssl_object, server_name, _context) -> None:
         # Called for every ClientHello, server_name None without SNI: every
