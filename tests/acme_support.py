@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class Pebble:
     def issuing_roots_pem(self) -> str:
         """Fetch the root that signs issued certificates (new on every pebble start)."""
         response = httpx.get(
-            f"{self.management_url}/roots/0", verify=str(self.https_ca_file), trust_env=False
+            f"{self.management_url}/roots/0", verify=ssl.create_default_context(cafile=str(self.https_ca_file)), trust_env=False
         )
         response.raise_for_status()
         return response.text
