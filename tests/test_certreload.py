@@ -22,7 +22,7 @@ from tls_support import client_context, handshake, replace_by_rename, served_ser
 
 
 class TLSServer:
-    """An asyncio TLS echo-less server on a thread, wrapping with the reloader's context."""
+    """A TLS server on its own thread that wraps each connection with the reloader's context."""
 
     def __init__(self, reloader: ReloadingCertificate) -> None:
         self.reloader = reloader

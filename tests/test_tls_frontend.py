@@ -106,7 +106,6 @@ def test_full_chain_served(tmp_path):
     with SyncProxy(tmp_path / "data", "--cert", str(cert_path), "--key", str(key_path)) as server:
         # The client knows only the root, so this verifies only if the intermediate is sent.
         leaf, *_ = handshake(server.port, client_context(rootfile))
-        assert "localhost" in str(leaf.subject) or leaf.serial_number > 0
         assert "holds only the leaf" not in server.log()
 
 
