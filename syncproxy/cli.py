@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert_commands = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
     cert_commands.add_parser("pem", parents=[options],
                              help="print the PEM certificate clients must trust")
+    cert_commands.add_parser("status", parents=[options],
+                             help="show the served certificate's names, issuer, expiry, source "
+                                  "and next renewal check")
 
     config = commands.add_parser("config", help="show or check settings")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION",
@@ -195,6 +198,8 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
 
 
 def command_cert(args: argparse.Namespace, settings: Any) -> int:
+    if args.cert_command == "status":
+        return command_cert_status(settings)
     if settings.cert:
         paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
                                  source="files")
@@ -203,6 +208,54 @@ def command_cert(args: argparse.Namespace, settings: Any) -> int:
         data_dir.prepare()
         paths = ensure_generated(data_dir.tls_dir, generated_names(settings))
     sys.stdout.write(trust_anchor_pem(paths).decode("ascii"))
+    return 0
+
+
+def command_cert_status(settings: Any) -> int:
+    """Print what the server serves with these settings, read from the files it would load."""
+    from .acme import AcmeStatus, Certbot, options_from
+    from .certreload import describe_certificate
+
+    data_dir = DataDir(settings.data_dir)
+    renewal = ""
+    if settings.cert:
+        source, chain = "files", Path(settings.cert)
+        renewal = "not renewed by syncproxy; a change to the files is loaded within seconds"
+    elif settings.domain:
+        certbot = Certbot(options_from(settings), data_dir.acme_dir)
+        status = AcmeStatus.read(certbot.status_file)
+        if certbot.fullchain.exists():
+            source, chain = "acme", certbot.fullchain
+        else:
+            source, chain = "generated (no ACME certificate yet)", data_dir.tls_dir / "server.pem"
+        renewal = "checked when the server starts"
+        if status is not None and status.next_check:
+            renewal = f"next check {status.next_check}"
+        if status is not None and status.last_result:
+            renewal += f"; last check {status.last_check}: {status.last_result}"
+            if status.last_error:
+                renewal += f" ({status.last_error})"
+    else:
+        source, chain = "generated", data_dir.tls_dir / "server.pem"
+        renewal = "reissued by the server at start when fewer than 30 days are left"
+
+    try:
+        info = describe_certificate(chain.read_bytes())
+    except FileNotFoundError:
+        raise CommandError(f"no certificate at {chain} yet; start the server once to create it") from None
+    days = info.days_left()
+    rows = [
+        ("names", ", ".join(info.names) or "(none)"),
+        ("issuer", info.issuer + (" (self-signed)" if info.self_signed else "")),
+        ("expires", f"{info.not_after:%Y-%m-%d %H:%M} UTC ({days} days left)"
+                    if days >= 0 else f"{info.not_after:%Y-%m-%d %H:%M} UTC (EXPIRED)"),
+        ("serial", info.serial_hex),
+        ("source", source),
+        ("file", str(chain)),
+        ("renewal", renewal),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<9} {value}")
     return 0
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,10 @@ from .datadir import DataDir
 from .gate import RequestGate
 from .listener import Listener, hypercorn_config
 from .proxy import ProxyApp
+from .acme import AcmeService
+from .certreload import ReloadingCertificate
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
-from .tls import CertificatePaths, create_server_context, ensure_generated, generated_names
+from .tls import CertificatePaths, ensure_generated, generated_names
 from .users import User, UserError, UserStore
 
 log = logging.getLogger("syncproxy")
@@ -153,22 +154,7 @@ class ExternalUpstream:
         return None
 
 
-class ServerTLS:
-    """The front end's current TLS context; `reload` swaps it for new handshakes."""
-
-    def __init__(self, paths: CertificatePaths) -> None:
-        self.paths = paths
-        self.context = create_server_context(paths)
-
-    def current(self) -> ssl.SSLContext:
-        return self.context
-
-    def reload(self) -> None:
-        self.context = create_server_context(self.paths)
-        log.info("certificate reloaded path=%s", self.paths.chain)
-
-
-def prepare_tls(settings: Any, data_dir: DataDir) -> ServerTLS | None:
+def prepare_tls(settings: Any, data_dir: DataDir) -> ReloadingCertificate | None:
     if not settings.tls:
         log.warning("tls disabled: serving plain http; only run this behind another TLS "
                     "terminator, because passwords and host keys cross the network in clear")
@@ -177,17 +163,18 @@ def prepare_tls(settings: Any, data_dir: DataDir) -> ServerTLS | None:
         paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
                                  source="files")
     else:
+        # With --domain this serves until the ACME certificate arrives.
         paths = ensure_generated(data_dir.tls_dir, generated_names(settings))
-    return ServerTLS(paths)
+    return ReloadingCertificate(paths.chain, paths.key, paths.source, data_dir.tls_dir)
 
 
-def describe_trust(tls: ServerTLS | None, settings: Any) -> None:
-    if tls is None:
+def describe_trust(tls: ReloadingCertificate | None, settings: Any) -> None:
+    if tls is None or settings.domain:
         return
-    if tls.paths.source == "generated":
+    if tls.source == "generated":
         log.info("clients must trust the local CA ca=%s; print it with 'syncproxy cert pem' "
                  "(AnkiDroid: Settings > Sync > Custom sync server > Custom sync certificate)",
-                 tls.paths.ca)
+                 tls.cert_path.parent / "ca.pem")
     else:
         log.info("serving certificate cert=%s key=%s", settings.cert, settings.key)
 
@@ -211,6 +198,7 @@ async def run(settings: Any) -> int:
         upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
 
     listener: Listener | None = None
+    acme: AcmeService | None = None
     app: ProxyApp | None = None
     tasks: list[asyncio.Task] = []
     try:
@@ -235,6 +223,8 @@ async def run(settings: Any) -> int:
             scheme=scheme,
             health=health,
         )
+        if tls:
+            tasks.append(asyncio.create_task(tls.watch(), name="certificate"))
         listener = Listener(app, settings.host, settings.port, tls.current if tls else None,
                             hypercorn_config(settings.keep_alive_timeout),
                             routing=routing_table(settings),
@@ -250,13 +240,16 @@ async def run(settings: Any) -> int:
                      "proxy_protocol=%s", ",".join(settings.sync_name) or "-",
                      ",".join(settings.route) or "-", settings.passthrough or "-",
                      settings.no_sni, settings.passthrough_proxy_protocol)
+        if tls and settings.domain:
+            acme = AcmeService(settings, data_dir.acme_dir, tls, listener.bound_port)
+            acme.start()
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         if tls:
-            loop.add_signal_handler(signal.SIGHUP, _reload_certificate, tls)
+            tls.install_sighup(loop)
         await stop.wait()
         log.info("stopping: finishing requests in flight grace_s=%g", settings.shutdown_grace)
     finally:
@@ -264,6 +257,8 @@ async def run(settings: Any) -> int:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if acme is not None:
+            await acme.close(1.0)
         if listener is not None:
             await listener.close(settings.shutdown_grace)
         if app is not None:
@@ -286,10 +281,3 @@ def write_listening_record(data_dir: DataDir, settings: Any, port: int) -> None:
     except OSError as error:
         log.warning("cannot record the listening address for 'syncproxy health' path=%s "
                     "error=%r", data_dir.listening_file, str(error))
-
-
-def _reload_certificate(tls: ServerTLS) -> None:
-    try:
-        tls.reload()
-    except Exception as error:  # noqa: BLE001 - a bad file must never stop the server
-        log.error("certificate reload failed, keeping the old one error=%r", str(error))

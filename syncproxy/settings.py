@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -82,6 +83,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("key", "path", None, "PEM file with the private key of --cert"),
     Option("hostname", "list", (), "extra DNS name or IP address for the generated certificate "
            "(repeatable; comma-separated in the environment)"),
+    Option("domain", "list", (), "DNS name to get a certificate for from an ACME CA such as "
+           "Let's Encrypt (repeatable; the first one names the certificate); needs --acme-email "
+           "or --acme-no-email, and port 80 reachable from outside"),
+    Option("acme_email", "str", "", "contact address registered with the ACME CA, which sends "
+           "expiry warnings there"),
+    Option("acme_no_email", "bool", False, "register with the ACME CA without a contact "
+           "address (no expiry warnings)"),
+    Option("acme_server", "str", "https://acme-v02.api.letsencrypt.org/directory",
+           "ACME directory URL; use https://acme-staging-v02.api.letsencrypt.org/directory to "
+           "try things out, or a private CA's"),
+    Option("acme_ca_bundle", "path", None, "PEM file of CA certificates to trust when talking "
+           "to --acme-server (for a private CA)"),
+    Option("http_port", "int", 80, "port of the plain-HTTP listener that answers ACME HTTP-01 "
+           "challenges and redirects everything else to https; runs only with --domain",
+           minimum=1, maximum=65535),
     Option("max_body_mb", "int", 100, "largest request body in MiB; also the sync core's "
            "MAX_SYNC_PAYLOAD_MEGS", minimum=1, maximum=65536),
     Option("upstream_connect_timeout", "float", 10.0, "seconds to wait for a connection to the "
@@ -317,6 +333,7 @@ def validate(settings: Any) -> None:
     if (settings.cert is None) != (settings.key is None):
         raise SettingsError("--cert and --key must be given together (or neither, to use a "
                             "generated certificate)")
+    _validate_acme(settings)
     if not settings.health_path.startswith("/"):
         raise SettingsError(f"health_path {settings.health_path!r} must start with /")
     for reserved in ("/sync", "/msync"):
@@ -356,3 +373,37 @@ def passthrough_options(settings: Any) -> PassthroughOptions:
     versions = {"off": None, "v1": 1, "v2": 2}
     return PassthroughOptions(proxy_protocol=versions[settings.passthrough_proxy_protocol],
                               idle_timeout=settings.passthrough_idle_timeout)
+
+
+_DNS_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _validate_acme(settings: Any) -> None:
+    if not settings.domain:
+        return
+    if not settings.tls:
+        raise SettingsError("--domain gets a certificate for the TLS front end, which --no-tls "
+                            "turns off: drop one of them")
+    if settings.cert:
+        raise SettingsError("--domain gets a certificate from an ACME CA, --cert/--key serve "
+                            "certificate files: give one or the other")
+    for name in settings.domain:
+        if name.startswith("*."):
+            raise SettingsError(f"domain {name!r}: wildcard names need a DNS-01 challenge, "
+                                f"which syncproxy does not do; list each name instead")
+        if not _DNS_NAME.fullmatch(name) or name.replace(".", "").isdigit():
+            raise SettingsError(f"domain {name!r} is not a DNS name; give a name such as "
+                                f"anki.example.org")
+    if bool(settings.acme_email) == bool(settings.acme_no_email):
+        raise SettingsError("--domain needs exactly one of --acme-email ADDRESS (the CA sends "
+                            "expiry warnings there) or --acme-no-email")
+    if settings.acme_email and "@" not in settings.acme_email:
+        raise SettingsError(f"acme_email {settings.acme_email!r} is not an e-mail address")
+    if not settings.acme_server.startswith("https://"):
+        raise SettingsError(f"acme_server {settings.acme_server!r} must be an https:// URL")
+    if settings.acme_ca_bundle is not None and not Path(settings.acme_ca_bundle).is_file():
+        raise SettingsError(f"acme_ca_bundle {settings.acme_ca_bundle} is not a file")
+    if settings.http_port == settings.port and settings.http_port != 0:
+        raise SettingsError(f"http_port and port are both {settings.port}; the plain-HTTP "
+                            f"listener needs a port of its own")

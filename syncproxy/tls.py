@@ -26,8 +26,8 @@ log = logging.getLogger("syncproxy.tls")
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 # Apple platforms reject server certificates valid for more than 825 days, even from a CA the
-# user installed, so AnkiMobile needs this limit.
-SERVER_VALIDITY = datetime.timedelta(days=825)
+# user installed, so AnkiMobile needs this limit; one day less leaves room for the backdating.
+SERVER_VALIDITY = datetime.timedelta(days=824)
 REISSUE_BEFORE = datetime.timedelta(days=30)
 
 # TLS 1.2 suites limited to forward-secret AEAD; TLS 1.3 suites are all AEAD and not set here.
@@ -235,15 +235,26 @@ def trust_anchor_pem(paths: CertificatePaths) -> bytes:
     return certificates[-1].public_bytes(serialization.Encoding.PEM)
 
 
-def create_server_context(paths: CertificatePaths) -> ssl.SSLContext:
-    """Build the front end's TLS context: TLS 1.2+, AEAD suites, HTTP/1.1 only in ALPN."""
+def create_policy_context() -> ssl.SSLContext:
+    """Build a server context with the front end's TLS policy and no certificate yet.
+
+    TLS 1.2 and 1.3 only; for 1.2 only forward-secret AEAD suites; no compression and no
+    renegotiation; ALPN offers http/1.1 alone.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     # Offering only http/1.1 is what keeps clients that prefer h2 (old OkHttp) on HTTP/1.1.
     context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def create_server_context(paths: CertificatePaths) -> ssl.SSLContext:
+    """Build the front end's TLS context with the policy above and the given pair loaded."""
+    context = create_policy_context()
     try:
         context.load_cert_chain(paths.chain, paths.key)
     except FileNotFoundError as error:

@@ -31,11 +31,8 @@ MEDIA_SYNC_TIMEOUT_SECONDS = 300
 def media_bytes(index: int, size: int) -> bytes:
     """Return deterministic, poorly compressible media content for file number `index`."""
     seed = hashlib.sha256(f"media-{index}".encode()).digest()
-    blocks = []
-    counter = 0
-    while sum(len(b) for b in blocks) < size:
-        blocks.append(hashlib.sha256(seed + counter.to_bytes(8, "big")).digest())
-        counter += 1
+    blocks = [hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
+              for counter in range(size // 32 + 1)]
     return b"".join(blocks)[:size]
 
 

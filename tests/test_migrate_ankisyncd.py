@@ -56,7 +56,7 @@ def test_imported_users_log_in_and_download(tmp_path: Path) -> None:
     assert "pending" not in stored
     for entry in stored["users"].values():
         assert entry["hash"].startswith("$pbkdf2-sha256$")
-    assert "ankisyncd password rejected user=bob" in log
+    assert "pending login rejected user=bob" in log
     for user in users:
         assert user.password not in log
 
