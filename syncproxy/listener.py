@@ -7,6 +7,11 @@ them itself so it can decide first, from the bytes the client sent (peeked, not 
 - anything else is closed.
 After that, each connection is served by hypercorn's `TCPServer` with the HTTP/1.1-only protocol
 from `http1only`.
+
+Two limits live here because they concern connections, not requests: past `max_connections`
+a new connection is closed at once (a plain-HTTP listener first sends a 503), and a connection
+whose client reads nothing of a pending response for `client_idle_timeout` is aborted, since
+closing it politely would wait for that client forever.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
 from . import http1only
+from .metrics import Metrics
 
 log = logging.getLogger("syncproxy.listener")
 
@@ -33,6 +39,19 @@ TLS_HANDSHAKE_RECORD = 0x16
 FIRST_BYTES_TIMEOUT = 10.0
 HTTP_METHOD_PREFIXES = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN",
                         b"TRAC", b"PRI ")
+
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Retry-After: 5\r\n"
+    b"Content-Length: 64\r\n"
+    b"\r\n"
+    b"Too many connections (setting max_connections); try again soon.\n"
+)
+assert len(TOO_MANY_CONNECTIONS.split(b"\r\n\r\n", 1)[1]) == 64
+# Rejections are logged at most this often, with the count since the last line.
+REJECTION_LOG_INTERVAL = 10.0
 
 PLAIN_HTTP_ON_TLS_PORT = (
     b"HTTP/1.1 400 Bad Request\r\n"
@@ -46,10 +65,12 @@ assert PLAIN_HTTP_ON_TLS_PORT.endswith(b"\r\n" * 2) and len(
     PLAIN_HTTP_ON_TLS_PORT.split(b"\r\n\r\n", 1)[1]) == 77
 
 
-def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024) -> Config:
+def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024,
+                     request_head_timeout: float | None = None) -> Config:
     """Return the hypercorn settings the front end runs with."""
-    config = Config()
+    config = http1only.FrontEndConfig()
     config.keep_alive_timeout = keep_alive_timeout
+    config.request_head_timeout = request_head_timeout
     config.h11_max_incomplete_size = max_head_bytes
     config.include_server_header = False
     config.include_date_header = True
@@ -102,8 +123,16 @@ class Listener:
         ssl_context: Callable[[], ssl.SSLContext] | None,
         config: Config,
         handshake_timeout: float = 30.0,
+        max_connections: int | None = None,
+        write_idle_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         http1only.install()
+        self.max_connections = max_connections
+        self.write_idle_timeout = write_idle_timeout
+        self.metrics = metrics
+        self._rejected_since_log = 0
+        self._last_rejection_log = 0.0
         self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.host = host
         self.port = port
@@ -115,6 +144,10 @@ class Listener:
         self.connections: set[asyncio.Task] = set()
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accept_task is not None and not self._accept_task.done()
 
     @property
     def bound_port(self) -> int:
@@ -157,6 +190,9 @@ class Listener:
                 log.error("accept failed error=%r", str(error))
                 await asyncio.sleep(0.1)
                 continue
+            if self.max_connections is not None and len(self.connections) >= self.max_connections:
+                self._reject_connection(sock)
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._serve_connection(sock))
             self.connections.add(task)
@@ -174,8 +210,50 @@ class Listener:
             log.debug("connection closed before http error=%r", str(error))
             sock.close()
             return
-        await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
-                        self.state, reader, writer)
+        watchdog = None
+        if self.write_idle_timeout is not None:
+            watchdog = asyncio.create_task(self._abort_stalled_reader(writer.transport))
+        try:
+            await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
+                            self.state, reader, writer)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _reject_connection(self, sock: socket.socket) -> None:
+        """Close a connection over the limit; a plain-HTTP listener says why first."""
+        if self.ssl_context is None:
+            with contextlib.suppress(OSError):
+                sock.send(TOO_MANY_CONNECTIONS)
+        sock.close()
+        if self.metrics is not None:
+            self.metrics.rejected_connections.labels(reason="max_connections").inc()
+        self._rejected_since_log += 1
+        now = time.monotonic()
+        if now - self._last_rejection_log >= REJECTION_LOG_INTERVAL:
+            log.warning("connection limit reached, closing new connections limit=%d "
+                        "closed=%d", self.max_connections, self._rejected_since_log)
+            self._rejected_since_log = 0
+            self._last_rejection_log = now
+
+    async def _abort_stalled_reader(self, transport: asyncio.BaseTransport) -> None:
+        """Abort the connection once the client has read nothing for `write_idle_timeout`."""
+        assert self.write_idle_timeout is not None
+        loop = asyncio.get_running_loop()
+        last_size = 0
+        unchanged_since = loop.time()
+        while not transport.is_closing():
+            await asyncio.sleep(min(1.0, self.write_idle_timeout / 4))
+            size = transport.get_write_buffer_size()
+            if size == 0 or size != last_size:
+                last_size = size
+                unchanged_since = loop.time()
+                continue
+            if loop.time() - unchanged_since >= self.write_idle_timeout:
+                log.info("client stopped reading, aborting connection client=%s pending=%d "
+                         "idle_s=%g", _peer_of(transport), size, self.write_idle_timeout)
+                transport.abort()
+                return
 
     async def _is_tls(self, sock: socket.socket) -> bool:
         """Answer or close connections that do not start with a TLS handshake."""
@@ -221,6 +299,11 @@ class Listener:
                 log.warning("closed connections still busy after grace period count=%d",
                             len(pending))
                 await asyncio.wait(pending, timeout=5)
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if peer else "-"
 
 
 def _peer(sock: socket.socket) -> str:
