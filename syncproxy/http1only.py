@@ -61,6 +61,8 @@ def error_text(status: int, config: Config) -> bytes:
     elif status == 431:
         text = (f"Request header fields too large: the request line and headers exceed "
                 f"{config.h11_max_incomplete_size // 1024} KiB (setting max_head_kb).")
+    elif status == 505:
+        text = "HTTP version not supported: use HTTP/1.1."
     elif status == 501:
         text = "Not implemented: the only transfer coding accepted is chunked."
     else:
@@ -82,6 +84,23 @@ class ClosingHTTPStream(HTTPStream):
         if isinstance(queue, asyncio.Queue):
             while not queue.empty():
                 queue.get_nowait()
+
+
+def without_upgrade(request: h11.Request) -> h11.Request:
+    """Return the request without its Upgrade header, so hypercorn never starts a WebSocket.
+
+    The sync protocol has no use for upgrades; like `Upgrade: h2c`, the header is ignored and
+    the request is served as plain HTTP/1.1 (RFC 9110 section 7.8).
+    """
+    headers = request.headers.raw_items()
+    if not any(name.lower() == b"upgrade" for name, _ in headers):
+        return request
+    return h11.Request(
+        method=request.method,
+        target=request.target,
+        headers=[(name, value) for name, value in headers if name.lower() != b"upgrade"],
+        http_version=request.http_version,
+    )
 
 
 def head_size(request: h11.Request) -> int:
@@ -133,7 +152,11 @@ class Http1OnlyProtocol(H11Protocol):
             await self._send_error_response(431)
             await self.send(Closed())
             return
-        await super()._create_stream(request)
+        if request.http_version not in (b"1.0", b"1.1"):
+            await self._send_error_response(505)
+            await self.send(Closed())
+            return
+        await super()._create_stream(without_upgrade(request))
 
     async def _send_error_response(self, status_code: int) -> None:
         body = error_text(status_code, self.config)

@@ -19,7 +19,12 @@ from typing import Any, Protocol
 import httpx
 
 from .gate import GateTimeout, RequestGate
-from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
+from .httpsemantics import (
+    FORWARDING_HEADERS,
+    SERVER_WRITTEN,
+    end_to_end,
+    has_conflicting_framing,
+)
 from .metrics import Metrics
 
 log = logging.getLogger("syncproxy.proxy")
@@ -174,6 +179,13 @@ class ProxyApp:
             # The user was removed or its password changed: the key is dead even if the sync
             # core has not restarted yet.
             await exchange.respond(403, "Host key is not valid: log in to sync again.\n")
+            return
+
+        if has_conflicting_framing(exchange.scope["headers"]):
+            exchange.reject_reason = "conflicting_framing"
+            await exchange.respond(400, "Bad request: the request has both Content-Length and "
+                                        "Transfer-Encoding; send only one.\n",
+                                   [(b"connection", b"close")])
             return
 
         content_length = exchange.content_length()
