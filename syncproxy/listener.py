@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -252,6 +253,13 @@ class Listener:
             if loop.time() - unchanged_since >= self.write_idle_timeout:
                 log.info("client stopped reading, aborting connection client=%s pending=%d "
                          "idle_s=%g", _peer_of(transport), size, self.write_idle_timeout)
+                # A reset, not a FIN: otherwise the kernel keeps the unsent data and keeps
+                # offering it to a client that does not read, for minutes.
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
                 transport.abort()
                 return
 
