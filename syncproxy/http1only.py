@@ -11,9 +11,9 @@ Both paths live in `hypercorn/protocol/h11.py` (`H11Protocol._check_protocol`) a
 `hypercorn/protocol/__init__.py` (`ProtocolWrapper`). Checked against hypercorn 0.18.0; the
 pyproject pin keeps other versions out until this module is checked against them.
 
-A third change keeps a connection from hanging: hypercorn hands request body chunks to the app
-through a queue of 10 and waits while it is full, so once the app has answered without reading
-the whole body (an early 413, 403 or 502), a client that keeps sending blocked that connection
+A third change keeps a connection from hanging. hypercorn hands request body chunks to the app
+through a queue of 10 and waits while it is full. So once the app has responded without reading
+the whole body (an early 413, 403 or 502), a client that kept sending blocked that connection
 forever, and the final `http.disconnect` could block the app's own last send. A closed stream
 now drops the body chunks still queued and accepts no more.
 
@@ -89,7 +89,7 @@ class ClosingHTTPStream(HTTPStream):
 def without_upgrade(request: h11.Request) -> h11.Request:
     """Return the request without its Upgrade header, so hypercorn never starts a WebSocket.
 
-    The sync protocol has no use for upgrades; like `Upgrade: h2c`, the header is ignored and
+    The sync protocol has no use for upgrades. Like `Upgrade: h2c`, the header is ignored and
     the request is served as plain HTTP/1.1 (RFC 9110 section 7.8).
     """
     headers = request.headers.raw_items()
@@ -147,7 +147,7 @@ class Http1OnlyProtocol(H11Protocol):
     async def _create_stream(self, request: h11.Request) -> None:
         self._cancel_head_deadline()
         # h11 checks the size only of a head that is still incomplete, so a large head that
-        # arrives in one read would pass; this check makes the limit hold either way.
+        # arrives in one read would pass. This check applies the limit to complete heads too.
         if head_size(request) > self.config.h11_max_incomplete_size:
             await self._send_error_response(431)
             await self.send(Closed())

@@ -1,4 +1,4 @@
-"""Generated request heads and bodies: the front end answers or closes, never crashes or hangs."""
+"""Generated request heads and bodies: the front end responds or closes, never crashes or hangs."""
 
 from __future__ import annotations
 

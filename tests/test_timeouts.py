@@ -1,4 +1,4 @@
-"""Only idle time is limited, never a whole request; each timeout answers with its cause."""
+"""Only idle time is limited, never a whole request, and each timeout names its cause."""
 
 from __future__ import annotations
 
