@@ -37,7 +37,7 @@ from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
-from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 TESTED_HYPERCORN = ("0.18.",)
 
@@ -74,14 +74,17 @@ class ClosingHTTPStream(HTTPStream):
     """hypercorn's HTTP stream that stops queueing request body chunks once it is closed."""
 
     async def handle(self, event: StreamEvent) -> None:
-        if isinstance(event, StreamClosed) and not self.closed:
+        # Only after the app has sent its whole response: a stream closed by the client while
+        # the response was still being sent is left to hypercorn's own handling.
+        if isinstance(event, StreamClosed) and self.state is ASGIHTTPState.CLOSED:
             self._discard_queued_body()
         await super().handle(event)
 
     def _discard_queued_body(self) -> None:
         # hypercorn 0.18 gives the stream only the queue's bound `put` method.
         queue = getattr(getattr(self, "app_put", None), "__self__", None)
-        if isinstance(queue, asyncio.Queue):
+        # Only a full queue can block; a queue with room keeps hypercorn's own behaviour.
+        if isinstance(queue, asyncio.Queue) and queue.full():
             while not queue.empty():
                 queue.get_nowait()
 
@@ -122,6 +125,11 @@ class Http1OnlyProtocol(H11Protocol):
         elif isinstance(event, Closed):
             self._cancel_head_deadline()
         await super().handle(event)
+        if isinstance(event, Closed):
+            # The client has gone. hypercorn's TCPServer would keep the connection, and its
+            # slot under max_connections, until the keep-alive timer ran out; closing from
+            # here stops that timer at once.
+            await self.send(Closed())
 
     def _start_head_deadline(self, event: RawData) -> None:
         timeout = getattr(self.config, "request_head_timeout", None)
