@@ -76,6 +76,8 @@ class ClosingHTTPStream(HTTPStream):
     async def handle(self, event: StreamEvent) -> None:
         # Only after the app has sent its whole response: a stream closed by the client while
         # the response was still being sent is left to hypercorn's own handling.
+        # NOTE: discarding on every close broke real-client downloads, for a reason not yet
+        # found; a client that closes mid-response while still sending may hang its connection.
         if isinstance(event, StreamClosed) and self.state is ASGIHTTPState.CLOSED:
             self._discard_queued_body()
         await super().handle(event)
