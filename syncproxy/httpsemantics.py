@@ -49,3 +49,14 @@ def end_to_end(
     headers = list(headers)
     drop = HOP_BY_HOP | also_drop | connection_tokens(headers)
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def has_conflicting_framing(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Return True if a request carries both Transfer-Encoding and Content-Length.
+
+    RFC 9112 section 6.1 lets a server reject such a request, and a proxy should: a server
+    behind it that reads the other header would split the stream differently (request
+    smuggling).
+    """
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names

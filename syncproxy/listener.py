@@ -13,6 +13,11 @@ that decides, in this order:
   through the TLS handshake to hypercorn's `TCPServer` with the HTTP/1.1-only protocol from
   `http1only`.
 Everything before the split is peeked, never consumed, except the PROXY header.
+
+Two limits live here because they concern connections, not requests: past `max_connections`
+a new connection is closed at once (a plain-HTTP listener first sends a 503), and a connection
+whose client reads nothing of a pending response for `client_idle_timeout` is aborted, since
+closing it politely would wait for that client forever.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +54,7 @@ from .proxyheader import (
     parse_proxy_header,
 )
 from .routing import Route, RoutingTable
+from .metrics import Metrics
 
 log = logging.getLogger("syncproxy.listener")
 
@@ -55,6 +62,19 @@ TLS_HANDSHAKE_RECORD = 0x16
 FIRST_BYTES_TIMEOUT = 10.0
 HTTP_METHOD_PREFIXES = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN",
                         b"TRAC", b"PRI ")
+
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Retry-After: 5\r\n"
+    b"Content-Length: 64\r\n"
+    b"\r\n"
+    b"Too many connections (setting max_connections); try again soon.\n"
+)
+assert len(TOO_MANY_CONNECTIONS.split(b"\r\n\r\n", 1)[1]) == 64
+# Rejections are logged at most this often, with the count since the last line.
+REJECTION_LOG_INTERVAL = 10.0
 
 PLAIN_HTTP_ON_TLS_PORT = (
     b"HTTP/1.1 400 Bad Request\r\n"
@@ -68,10 +88,12 @@ assert PLAIN_HTTP_ON_TLS_PORT.endswith(b"\r\n" * 2) and len(
     PLAIN_HTTP_ON_TLS_PORT.split(b"\r\n\r\n", 1)[1]) == 77
 
 
-def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024) -> Config:
+def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024,
+                     request_head_timeout: float | None = None) -> Config:
     """Return the hypercorn settings the front end runs with."""
-    config = Config()
+    config = http1only.FrontEndConfig()
     config.keep_alive_timeout = keep_alive_timeout
+    config.request_head_timeout = request_head_timeout
     config.h11_max_incomplete_size = max_head_bytes
     config.include_server_header = False
     config.include_date_header = True
@@ -95,11 +117,19 @@ class Listener:
         routing: RoutingTable | None = None,
         passthrough: PassthroughOptions = PassthroughOptions(),
         trusted_proxies: tuple[IPNetwork, ...] = (),
+        max_connections: int | None = None,
+        write_idle_timeout: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         http1only.install()
         self.routing = routing
         self.passthrough = passthrough
         self.trusted_proxies = trusted_proxies
+        self.max_connections = max_connections
+        self.write_idle_timeout = write_idle_timeout
+        self.metrics = metrics
+        self._rejected_since_log = 0
+        self._last_rejection_log = 0.0
         self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.host = host
         self.port = port
@@ -112,6 +142,10 @@ class Listener:
         self.spliced: set[asyncio.Task] = set()
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accept_task is not None and not self._accept_task.done()
 
     @property
     def bound_port(self) -> int:
@@ -154,6 +188,9 @@ class Listener:
                 log.error("accept failed error=%r", str(error))
                 await asyncio.sleep(0.1)
                 continue
+            if self.max_connections is not None and len(self.connections) >= self.max_connections:
+                self._reject_connection(sock)
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._serve_connection(sock))
             self.connections.add(task)
@@ -194,8 +231,57 @@ class Listener:
             log.debug("connection closed before http error=%r", str(error))
             sock.close()
             return
-        await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
-                        self.state, reader, writer)
+        watchdog = None
+        if self.write_idle_timeout is not None:
+            watchdog = asyncio.create_task(self._abort_stalled_reader(writer.transport))
+        try:
+            await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
+                            self.state, reader, writer)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _reject_connection(self, sock: socket.socket) -> None:
+        """Close a connection over the limit; a plain-HTTP listener says why first."""
+        if self.ssl_context is None:
+            with contextlib.suppress(OSError):
+                sock.send(TOO_MANY_CONNECTIONS)
+        sock.close()
+        if self.metrics is not None:
+            self.metrics.rejected_connections.labels(reason="max_connections").inc()
+        self._rejected_since_log += 1
+        now = time.monotonic()
+        if now - self._last_rejection_log >= REJECTION_LOG_INTERVAL:
+            log.warning("connection limit reached, closing new connections limit=%d "
+                        "closed=%d", self.max_connections, self._rejected_since_log)
+            self._rejected_since_log = 0
+            self._last_rejection_log = now
+
+    async def _abort_stalled_reader(self, transport: asyncio.BaseTransport) -> None:
+        """Abort the connection once the client has read nothing for `write_idle_timeout`."""
+        assert self.write_idle_timeout is not None
+        loop = asyncio.get_running_loop()
+        last_size = 0
+        unchanged_since = loop.time()
+        while not transport.is_closing():
+            await asyncio.sleep(min(1.0, self.write_idle_timeout / 4))
+            size = transport.get_write_buffer_size()
+            if size == 0 or size != last_size:
+                last_size = size
+                unchanged_since = loop.time()
+                continue
+            if loop.time() - unchanged_since >= self.write_idle_timeout:
+                log.info("client stopped reading, aborting connection client=%s pending=%d "
+                         "idle_s=%g", _peer_of(transport), size, self.write_idle_timeout)
+                # A reset, not a FIN: otherwise the kernel keeps the unsent data and keeps
+                # offering it to a client that does not read, for minutes.
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                transport.abort()
+                return
 
     async def _classify(self, sock: socket.socket) -> _Arrival | None:
         """Decide where a connection goes; return None if it was answered or closed here."""
@@ -359,6 +445,11 @@ class _ReportedPeerWriter(asyncio.StreamWriter):
         if name == "peername":
             return (self._client.host, self._client.port)
         return value
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if peer else "-"
 
 
 def _peer(sock: socket.socket) -> str:

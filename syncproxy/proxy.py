@@ -9,6 +9,7 @@ legitimately take minutes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,9 +19,15 @@ from typing import Any, Protocol
 import httpx
 
 from .gate import GateTimeout, RequestGate
-from .httpsemantics import FORWARDING_HEADERS, SERVER_WRITTEN, end_to_end
-from .upstream_client import UpstreamClients
+from .httpsemantics import (
+    FORWARDING_HEADERS,
+    SERVER_WRITTEN,
+    end_to_end,
+    has_conflicting_framing,
+)
 from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
+from .metrics import Metrics
+from .upstream_client import UpstreamClients
 
 log = logging.getLogger("syncproxy.proxy")
 access_log = logging.getLogger("syncproxy.access")
@@ -38,6 +45,12 @@ GATE_WAIT_SECONDS = 120.0
 # without reading the final zero-length chunk; the kernel then resets the connection, which can
 # destroy the end of the response in flight. Small bodies (most sync requests) avoid that race.
 SMALL_BODY_BYTES = 256 * 1024
+
+# After an early 413 the rest of the body is read and discarded, so that a client still writing
+# it does not meet a reset before it reads the answer. These bound that work for each request.
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_SECONDS = 30.0
+DRAIN_IDLE_SECONDS = 5.0
 
 
 class Upstream(Protocol):
@@ -65,6 +78,10 @@ class LegacyLogins(Protocol):
 
 class BodyTooLarge(Exception):
     """The request body crossed the configured limit while it was being forwarded."""
+
+
+class ClientStalled(Exception):
+    """The client sent no request body bytes for the client idle timeout."""
 
 
 def header_value(scope: Scope, name: bytes) -> bytes | None:
@@ -103,6 +120,8 @@ class ProxyApp:
         scheme: str,
         health: Callable[[], tuple[bool, str]],
         legacy_logins: LegacyLogins | None = None,
+        client_idle_timeout: float = 120.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.upstream = upstream
         self.legacy_logins = legacy_logins
@@ -114,6 +133,9 @@ class ProxyApp:
         self.health = health
         self.clients = UpstreamClients(connect_timeout, idle_timeout)
         self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.client_idle_timeout = client_idle_timeout
+        self.metrics = metrics
 
     async def aclose(self) -> None:
         await self.clients.aclose()
@@ -125,11 +147,13 @@ class ProxyApp:
         if scope["type"] != "http":
             return
 
-        exchange = Exchange(scope, receive, send)
+        exchange = Exchange(scope, receive, send, self.client_idle_timeout)
         try:
             await self._handle(exchange)
         finally:
             exchange.log()
+            if self.metrics is not None:
+                exchange.record(self.metrics, self.health_path)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -173,8 +197,16 @@ class ProxyApp:
             await exchange.respond(403, "Host key is not valid: log in to sync again.\n")
             return
 
+        if has_conflicting_framing(exchange.scope["headers"]):
+            exchange.reject_reason = "conflicting_framing"
+            await exchange.respond(400, "Bad request: the request has both Content-Length and "
+                                        "Transfer-Encoding; send only one.\n",
+                                   [(b"connection", b"close")])
+            return
+
         content_length = exchange.content_length()
         if content_length is not None and content_length > self.max_body_bytes:
+            exchange.reject_reason = "body_too_large"
             await exchange.respond_too_large(self.max_body_bytes)
             return
 
@@ -208,6 +240,15 @@ class ProxyApp:
             return False
         return True
 
+    async def _reject_stalled(self, exchange: Exchange) -> None:
+        exchange.reject_reason = "client_body_timeout"
+        log.info("request body stalled client=%s path=%s idle_s=%g",
+                 exchange.client_address(), exchange.scope["path"], self.client_idle_timeout)
+        await exchange.respond(
+            408, f"Request timeout: the client sent no request body bytes for "
+                 f"{self.client_idle_timeout:g} s (setting client_idle_timeout).\n",
+            [(b"connection", b"close")])
+
     async def _forward(self, exchange: Exchange) -> None:
         scope = exchange.scope
         target = self.upstream.url + scope["raw_path"].decode("latin-1")
@@ -217,7 +258,11 @@ class ProxyApp:
         try:
             prefix, complete = await exchange.read_prefix(SMALL_BODY_BYTES, self.max_body_bytes)
         except BodyTooLarge:
+            exchange.reject_reason = "body_too_large"
             await exchange.respond_too_large(self.max_body_bytes)
+            return
+        except ClientStalled:
+            await self._reject_stalled(exchange)
             return
         except httpx.ReadError:
             return  # the client went away before sending its whole body
@@ -244,7 +289,18 @@ class ProxyApp:
             try:
                 response = await client.send(request, stream=True)
             except BodyTooLarge:
+                exchange.reject_reason = "body_too_large"
                 await exchange.respond_too_large(self.max_body_bytes)
+                return
+            except ClientStalled:
+                await self._reject_stalled(exchange)
+                return
+            except httpx.ConnectTimeout:
+                log.warning("upstream connect timed out url=%s timeout_s=%g", self.upstream.url,
+                            self.connect_timeout)
+                await exchange.respond(502, f"Upstream unreachable: no connection to "
+                                            f"{self.upstream.url} within {self.connect_timeout:g} s "
+                                            f"(setting upstream_connect_timeout).\n")
                 return
             except httpx.ConnectError as error:
                 log.warning("upstream unreachable url=%s error=%r", self.upstream.url, str(error))
@@ -252,6 +308,8 @@ class ProxyApp:
                                             f"{self.upstream.url} ({error}).\n")
                 return
             except httpx.TimeoutException:
+                log.warning("upstream timed out url=%s idle_s=%g", self.upstream.url,
+                            self.idle_timeout)
                 await exchange.respond(504, f"Upstream timed out: no data from {self.upstream.url} "
                                             f"for {self.idle_timeout:g} s "
                                             f"(setting upstream_idle_timeout).\n")
@@ -272,6 +330,12 @@ class ProxyApp:
                 async for chunk in response.aiter_raw():
                     await exchange.send_body(chunk)
                 await exchange.end_response()
+            except httpx.TransportError as error:
+                # The status line has gone out, so the only signal left is to end the response
+                # short: returning without its last chunk makes the front end close the connection.
+                log.warning("upstream failed mid-response url=%s path=%s sent=%d error=%s",
+                            self.upstream.url, scope["path"], exchange.bytes_out,
+                            type(error).__name__)
             finally:
                 await response.aclose()
 
@@ -279,10 +343,15 @@ class ProxyApp:
 class Exchange:
     """One request and its response, with the counters the access log needs."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send,
+                 idle_timeout: float = 120.0) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
+        self.idle_timeout = idle_timeout
+        self.reject_reason = ""
+        self.request_done = False
+        self.stalled = False
         self.started = time.monotonic()
         self.status = 0
         self.bytes_in = 0
@@ -290,7 +359,6 @@ class Exchange:
         self.client_gone = False
         self.response_started = False
         self._prefetched: list[bytes] = []
-        self._body_complete = False
 
     def client_address(self) -> str:
         client = self.scope.get("client")
@@ -304,15 +372,25 @@ class Exchange:
         value = header_value(self.scope, b"content-length")
         return int(value) if value is not None and value.isdigit() else None
 
-    async def _receive_chunk(self, limit: int) -> bytes:
-        """Return the next piece of the request body; raise BodyTooLarge past `limit` bytes."""
-        message = await self._receive()
+    async def _receive_within_idle_timeout(self) -> dict[str, Any]:
+        try:
+            message = await asyncio.wait_for(self._receive(), self.idle_timeout)
+        except asyncio.TimeoutError:
+            self.stalled = True
+            raise ClientStalled from None
         if message["type"] == "http.disconnect":
             self.client_gone = True
+        elif not message.get("more_body", False):
+            self.request_done = True
+        return message
+
+    async def _receive_chunk(self, limit: int) -> bytes:
+        """Return the next piece of the request body; raise BodyTooLarge past `limit` bytes."""
+        message = await self._receive_within_idle_timeout()
+        if message["type"] == "http.disconnect":
             raise httpx.ReadError("client disconnected")
         chunk = message.get("body", b"")
         self.bytes_in += len(chunk)
-        self._body_complete = not message.get("more_body", False)
         if self.bytes_in > limit:
             raise BodyTooLarge
         return chunk
@@ -322,17 +400,17 @@ class Exchange:
 
         Returns what was read so far and whether that is the whole body.
         """
-        while not self._body_complete and self.bytes_in < size:
+        while not self.request_done and self.bytes_in < size:
             chunk = await self._receive_chunk(limit)
             if chunk:
                 self._prefetched.append(chunk)
-        return b"".join(self._prefetched), self._body_complete
+        return b"".join(self._prefetched), self.request_done
 
     async def prefetch_body(self, limit: int) -> bytes | None:
         """Read the whole request body if it is at most `limit` bytes, else return None."""
         try:
             body, complete = await self.read_prefix(limit + 1, limit)
-        except (BodyTooLarge, httpx.ReadError):
+        except (BodyTooLarge, httpx.ReadError, ClientStalled):
             return None
         return body if complete else None
 
@@ -342,10 +420,32 @@ class Exchange:
             raise BodyTooLarge
         for chunk in self._prefetched:
             yield chunk
-        while not self._body_complete:
+        while not self.request_done:
             chunk = await self._receive_chunk(limit)
             if chunk:
                 yield chunk
+
+    async def drain(self) -> int:
+        """Read and discard the rest of the request body, within DRAIN_* limits."""
+        drained = 0
+        deadline = time.monotonic() + DRAIN_MAX_SECONDS
+        while (not (self.request_done or self.client_gone or self.stalled)
+               and drained < DRAIN_MAX_BYTES):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(self._receive(),
+                                                 min(remaining, DRAIN_IDLE_SECONDS))
+            except asyncio.TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.request_done = True
+        return drained
 
     async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -360,7 +460,13 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def respond(self, status: int, text: str,
-                      extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+                      extra_headers: list[tuple[bytes, bytes]] = ()) -> int:
+        """Send a whole text response, then drain any unread request body; return its size.
+
+        The answer goes out at once, but the response ends only after the drain: ending it
+        while the client is still sending makes the front end close the connection, and the
+        client would meet a reset instead of reading the answer.
+        """
         body = text.encode("utf-8")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -368,18 +474,28 @@ class Exchange:
             *extra_headers,
         ]
         await self.start_response(status, headers)
-        self.bytes_out += len(body)
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        await self.send_body(body)
+        drained = await self.drain()
+        await self.end_response()
+        return drained
 
     async def respond_too_large(self, limit: int) -> None:
         megabytes = limit // (1024 * 1024)
-        await self.respond(
+        drained = await self.respond(
             413,
             f"Request body too large: the limit is {megabytes} MiB. Raise it with the "
             f"max_body_mb setting (--max-body-mb or SYNCPROXY_MAX_BODY_MB), which also sets "
             f"the sync core's limit.\n",
             [(b"connection", b"close")],
         )
+        log.info("request body too large client=%s path=%s limit_mib=%d drained=%d",
+                 self.client_address(), self.scope["path"], megabytes, drained)
+
+    def record(self, metrics: Metrics, health_path: str) -> None:
+        metrics.observe_request(self.scope["path"], health_path, self.status,
+                                time.monotonic() - self.started, self.bytes_in, self.bytes_out)
+        if self.reject_reason:
+            metrics.rejected_requests.labels(reason=self.reject_reason).inc()
 
     def log(self) -> None:
         # The path only: a legacy media request carries the host key in its query string.

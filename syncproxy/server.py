@@ -21,6 +21,7 @@ from .core import CoreError, SyncCore
 from .datadir import DataDir
 from .gate import RequestGate
 from .listener import Listener, hypercorn_config
+from .metrics import Metrics
 from .proxy import ProxyApp
 from .acme import AcmeService
 from .certreload import ReloadingCertificate
@@ -197,8 +198,10 @@ async def run(settings: Any) -> int:
                         settings.core_stop_timeout)
         upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
 
+    metrics = Metrics()
     listener: Listener | None = None
     acme: AcmeService | None = None
+    metrics_listener: Listener | None = None
     app: ProxyApp | None = None
     tasks: list[asyncio.Task] = []
     try:
@@ -207,6 +210,8 @@ async def run(settings: Any) -> int:
             tasks.append(asyncio.create_task(upstream.watch_users(), name="users"))
 
         def health() -> tuple[bool, str]:
+            if listener is None or not listener.accepting:
+                return False, "unavailable: the front end is not accepting connections"
             reason = upstream.unavailable_reason()
             if reason is None or (isinstance(upstream, BundledCore) and not upstream.users):
                 return True, "ok" if reason is None else "ok, " + reason
@@ -222,14 +227,21 @@ async def run(settings: Any) -> int:
             health_path=settings.health_path,
             scheme=scheme,
             health=health,
+            client_idle_timeout=settings.client_idle_timeout,
+            metrics=metrics,
         )
         if tls:
             tasks.append(asyncio.create_task(tls.watch(), name="certificate"))
         listener = Listener(app, settings.host, settings.port, tls.current if tls else None,
-                            hypercorn_config(settings.keep_alive_timeout),
+                            hypercorn_config(settings.keep_alive_timeout,
+                                             settings.max_head_kb * 1024,
+                                             settings.request_head_timeout),
                             routing=routing_table(settings),
                             passthrough=passthrough_options(settings),
-                            trusted_proxies=trusted_proxy_networks(settings))
+                            trusted_proxies=trusted_proxy_networks(settings),
+                            max_connections=settings.max_connections,
+                            write_idle_timeout=settings.client_idle_timeout,
+                            metrics=metrics)
         listener.open()
         listener.start()
         log.info("listening url=%s://%s:%d/ http=1.1-only", scheme, settings.host,
@@ -243,6 +255,7 @@ async def run(settings: Any) -> int:
         if tls and settings.domain:
             acme = AcmeService(settings, data_dir.acme_dir, tls, listener.bound_port)
             acme.start()
+        metrics_listener = start_metrics(settings, metrics, upstream, gate, listener, tls)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -259,6 +272,8 @@ async def run(settings: Any) -> int:
                 await task
         if acme is not None:
             await acme.close(1.0)
+        if metrics_listener is not None:
+            await metrics_listener.close(0)
         if listener is not None:
             await listener.close(settings.shutdown_grace)
         if app is not None:
@@ -281,3 +296,27 @@ def write_listening_record(data_dir: DataDir, settings: Any, port: int) -> None:
     except OSError as error:
         log.warning("cannot record the listening address for 'syncproxy health' path=%s "
                     "error=%r", data_dir.listening_file, str(error))
+
+
+def start_metrics(settings: Any, metrics: Metrics, upstream: Any, gate: RequestGate,
+                  listener: Listener, tls: ReloadingCertificate | None) -> Listener | None:
+    """Start the plain-HTTP Prometheus listener, unless metrics_port is 0."""
+    core = upstream.core if isinstance(upstream, BundledCore) else None
+    metrics.watch(
+        active_syncs=gate.open_sessions,
+        in_flight=lambda: gate.active,
+        open_connections=lambda: len(listener.connections),
+        core_restarts=(lambda: core.restarts) if core is not None else None,
+        certificate=(lambda: tls.cert_path) if tls is not None else None,
+    )
+    if not settings.metrics_port:
+        return None
+    metrics_listener = Listener(metrics.asgi_app(), settings.metrics_host, settings.metrics_port,
+                                None, hypercorn_config(settings.keep_alive_timeout,
+                                                       request_head_timeout=10.0),
+                                max_connections=64)
+    metrics_listener.open()
+    metrics_listener.start()
+    log.info("metrics listening url=http://%s:%d/metrics", settings.metrics_host,
+             metrics_listener.bound_port)
+    return metrics_listener

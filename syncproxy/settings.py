@@ -106,6 +106,16 @@ OPTIONS: tuple[Option, ...] = (
            "while a request is in flight", minimum=1, maximum=86400),
     Option("keep_alive_timeout", "float", 75.0, "seconds an idle client connection stays open",
            minimum=1, maximum=3600),
+    Option("request_head_timeout", "float", 20.0, "seconds a client gets to send a whole "
+           "request line and headers once it has started; a slower one gets 408",
+           minimum=1, maximum=3600),
+    Option("client_idle_timeout", "float", 120.0, "seconds a client may send nothing while "
+           "its request body is expected, or read nothing while a response waits for it",
+           minimum=1, maximum=86400),
+    Option("max_head_kb", "int", 64, "largest request line plus headers in KiB; a larger "
+           "one gets 431", minimum=4, maximum=1024),
+    Option("max_connections", "int", 1000, "client connections served at once; more are "
+           "closed at once and counted in the metrics", minimum=1, maximum=1_000_000),
     Option("core_port", "int", 0, "loopback port for the bundled sync core; 0 picks a free "
            "port", minimum=0, maximum=65535),
     Option("core_stop_timeout", "float", 10.0, "seconds the sync core gets to stop after "
@@ -113,6 +123,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_grace", "float", 300.0, "seconds requests in flight get to finish when "
            "syncproxy is stopped", minimum=0, maximum=86400),
     Option("health_path", "str", "/_syncproxy/health", "path of syncproxy's own health check"),
+    Option("metrics_host", "str", "127.0.0.1", "address of the Prometheus metrics listener; "
+           "keep it on loopback or a private network"),
+    Option("metrics_port", "int", 0, "TCP port of the Prometheus metrics listener (plain "
+           "HTTP, path /metrics); 0 turns it off", minimum=0, maximum=65535),
     Option("log_level", "str", "info", "log level", choices=("debug", "info", "warning", "error")),
     Option("sync_name", "list", (), "server name (SNI) whose TLS the front end terminates; "
            "'*.example.com' matches one label (repeatable). With --passthrough or --route, "
@@ -342,6 +356,9 @@ def validate(settings: Any) -> None:
                                 f"protocol's {reserved}/ paths; choose another path")
     routing_table(settings)
     trusted_proxy_networks(settings)
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        raise SettingsError(f"metrics_port {settings.metrics_port} is also the front end's port; "
+                            f"choose another port for the metrics, or 0 to turn them off")
     if settings.upstream and not settings.upstream.startswith(("http://", "https://")):
         raise SettingsError(f"upstream {settings.upstream!r} must be an http:// or https:// URL")
 
