@@ -23,6 +23,7 @@ from .datadir import DataDir
 from .gate import RequestGate
 from .listener import Listener, hypercorn_config
 from .proxy import ProxyApp
+from .throttle import LoginThrottle
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
 from .tls import CertificatePaths, create_server_context, ensure_generated, generated_names
 from .users import User, UserError, UserStore
@@ -63,6 +64,10 @@ class BundledCore:
 
     def valid_host_keys(self) -> frozenset[str]:
         return self._host_keys
+
+    def upstream_failed(self, path: str, error: Exception) -> None:
+        """Check the core at once when a sync request lost its connection to it."""
+        self.core.suspect(f"{type(error).__name__} on {path}")
 
     def _load(self) -> dict[str, User]:
         self._signature = self.store.signature()
@@ -152,6 +157,9 @@ class ExternalUpstream:
     def valid_host_keys(self) -> None:
         return None
 
+    def upstream_failed(self, path: str, error: Exception) -> None:
+        pass
+
 
 class ServerTLS:
     """The front end's current TLS context; `reload` swaps it for new handshakes."""
@@ -207,7 +215,8 @@ async def run(settings: Any) -> int:
         log.info("forwarding to an existing sync server upstream=%s", upstream.url)
     else:
         core = SyncCore(data_dir.collections, settings.max_body_mb, settings.core_port,
-                        settings.core_stop_timeout)
+                        settings.core_stop_timeout, pid_file=data_dir.root / "core.pid",
+                        probe_interval=settings.core_probe_interval)
         upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
 
     listener: Listener | None = None
@@ -234,6 +243,8 @@ async def run(settings: Any) -> int:
             health_path=settings.health_path,
             scheme=scheme,
             health=health,
+            login_throttle=LoginThrottle(settings.login_max_failures,
+                                         settings.login_block_seconds),
         )
         listener = Listener(app, settings.host, settings.port, tls.current if tls else None,
                             hypercorn_config(settings.keep_alive_timeout),
