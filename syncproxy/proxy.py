@@ -413,7 +413,28 @@ class Exchange:
         ]
         await self.start_response(status, headers)
         self.bytes_out += len(body)
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        # Ending the response makes hypercorn queue a disconnect for this app, and that put
+        # blocks forever once its receive queue is full of unread body chunks (seen when the
+        # sync core died during a full upload). Reading the rest first avoids that.
+        # TODO: one bounded drain for every early answer; this is the minimal form of it.
+        await self._discard_unread_body()
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _discard_unread_body(self, idle: float = 5.0, total: float = 30.0) -> None:
+        deadline = time.monotonic() + total
+        while not self._body_complete and not self.client_gone:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(self._receive(), min(idle, remaining))
+            except asyncio.TimeoutError:
+                return
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                return
+            self._body_complete = not message.get("more_body", False)
 
     async def respond_too_large(self, limit: int) -> None:
         megabytes = limit // (1024 * 1024)

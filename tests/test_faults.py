@@ -94,6 +94,11 @@ def wait_core_replaced(server: SyncProxy, old_pid: int, timeout: float) -> float
     raise TimeoutError(f"no new sync core within {timeout} s:\n{server.log()}")
 
 
+def unicase(left: str, right: str) -> int:
+    left, right = left.casefold(), right.casefold()
+    return (left > right) - (left < right)
+
+
 def stored_note_count(data_dir: Path, scratch: Path) -> int:
     """Copy the stored collection, check its integrity and return its note count."""
     scratch.mkdir()
@@ -102,6 +107,9 @@ def stored_note_count(data_dir: Path, scratch: Path) -> int:
         if Path(str(source) + suffix).exists():
             shutil.copy2(str(source) + suffix, scratch / ("collection.anki2" + suffix))
     with sqlite3.connect(scratch / "collection.anki2") as database:
+        # Anki's indexes use its own case-insensitive collation; case folding matches it for
+        # the ASCII text these collections hold.
+        database.create_collation("unicase", unicase)
         assert database.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         return database.execute("SELECT count() FROM notes").fetchone()[0]
 
@@ -152,6 +160,7 @@ def test_core_killed_during_full_upload(tmp_path: Path, big_collection: Path) ->
         assert "error" in outcome
         assert "403" not in outcome["error"]
         assert "password was incorrect" not in outcome["error"]
+        wait_for_log(server, "path=/sync/upload status=", uploads_before, timeout=30)
         assert upload_status(server.log())[-1] in ("502", "503")
 
         back_after = wait_core_replaced(server, killed, timeout=30)
