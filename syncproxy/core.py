@@ -43,9 +43,12 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 
 # The wedge probe: a request that takes the core's lock and is refused at once (no such host
-# key), so a healthy core answers 403 in about a millisecond.
+# key), so a healthy core returns 403 within about a millisecond.
 PROBE_PATH = "/sync/meta"
 PROBE_HOST_KEY = "syncproxy-probe"  # not hex, so never a real host key
+# Sent as the probe's client address, which no real client has, so that the core's log lines
+# about probes can be told apart and logged at debug level only.
+PROBE_CLIENT_ADDRESS = "0.0.0.0"
 PROBE_TIMEOUT = 30.0  # a full upload holds the lock this long at most on slow disks (estimate)
 # A dropped probe is retried once after this pause before the core is called wedged.
 PROBE_CONFIRM_DELAY = 0.5
@@ -178,7 +181,9 @@ class SyncCore:
                 continue
             # After SIGINT the core's Python wrapper prints a KeyboardInterrupt traceback,
             # which is expected noise, not an error.
-            level = logging.DEBUG if self._stopping else logging.INFO
+            level = logging.INFO
+            if self._stopping or f'ip="{PROBE_CLIENT_ADDRESS}"' in text:
+                level = logging.DEBUG
             core_output.log(level, "core: %s", text)
             if PANIC_MARKER in text:
                 self.suspect("core panicked")
@@ -287,7 +292,7 @@ class SyncCore:
                 log.error("sync core stopped serving syncs while /health answers, restarting it "
                           "pid=%d", process.pid)
                 self._ready.clear()
-                # The watcher sees the exit and starts a new core.
+                # The watcher notices the exit and starts a new core.
                 await self._terminate(process)
 
     async def _probe(self, client: httpx.AsyncClient) -> str:
@@ -296,7 +301,7 @@ class SyncCore:
             "anki-sync": f'{{"v":11,"k":"{PROBE_HOST_KEY}","c":"syncproxy-probe","s":""}}',
             # The core reads the client address from this header (SYNC_IP_HEADER) and answers
             # 500 without it.
-            "x-forwarded-for": "127.0.0.1",
+            "x-forwarded-for": PROBE_CLIENT_ADDRESS,
         }
         try:
             await client.post(self.url + PROBE_PATH, headers=headers, content=b"")

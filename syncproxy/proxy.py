@@ -51,7 +51,7 @@ class Upstream(Protocol):
     def unavailable_reason(self) -> str | None: ...
 
     def upstream_failed(self, path: str, error: Exception) -> None:
-        """Called when a sync request lost its upstream connection without an answer."""
+        """Report a sync request that lost its upstream connection before any response."""
 
 
 class HostKeys(Protocol):

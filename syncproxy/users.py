@@ -39,8 +39,8 @@ MAX_NAME_BYTES = 64
 
 # The format the sync core accepts: $pbkdf2-sha256$i=ROUNDS,l=32$SALT$HASH, unpadded base64.
 # The core parses hashes with the Rust `password-hash` crate, which takes a salt of at most
-# 64 base64 characters and a hash output of 10 to 64 bytes; anything longer passes a looser
-# check and then panics the core at login (seen with anki 26.9.3).
+# 64 base64 characters and a hash output of 10 to 64 bytes. A longer one passes a looser check
+# and then panics the core at login (seen with anki 26.9.3).
 _PHC_RE = re.compile(
     r"^\$pbkdf2-(?P<digest>sha256|sha512)\$i=(?P<rounds>[0-9]{1,9}),l=(?P<length>[0-9]{1,3})"
     r"\$(?P<salt>[A-Za-z0-9+/]{11,64})\$(?P<hash>[A-Za-z0-9+/]{22,86})$"

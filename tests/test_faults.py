@@ -79,7 +79,7 @@ def is_running(pid: int) -> bool:
 
 
 def wait_core_replaced(server: SyncProxy, old_pid: int, timeout: float) -> float:
-    """Return the seconds until a new core answers and the front end reports healthy."""
+    """Return the seconds until a new core runs and the front end reports healthy."""
     started = time.monotonic()
     url = f"{server.endpoint}_syncproxy/health"
     while time.monotonic() - started < timeout:
@@ -286,11 +286,13 @@ def test_sigterm_during_full_upload_finishes_it(tmp_path: Path, big_collection: 
     assert not (data_dir / "core.pid").exists()
 
 
-def test_sigterm_when_idle_stops_promptly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_when_idle_stops_promptly(tmp_path: Path, signum: int) -> None:
     data_dir = tmp_path / "data"
     add_user(data_dir, "alice", PASSWORD)
     server = SyncProxy(data_dir).start()
     started = time.monotonic()
-    assert server.stop(signal.SIGTERM) == 0
+    assert server.stop(signum) == 0
     assert time.monotonic() - started < 15
     assert "sync core stopped" in server.log()
+    assert not (data_dir / "core.pid").exists()

@@ -92,7 +92,8 @@ def test_log_fields_are_one_line() -> None:
     assert normalize_address("2001:db8::1") == "2001:db8::1"
     quoted = quote_name('eve"\nWARNING syncproxy.login: login refused client=192.0.2.99')
     assert "\n" not in quoted
-    assert quoted.startswith('"') and quoted.endswith('"')
+    assert quoted.startswith('"')
+    assert quoted.endswith('"')
     assert len(quote_name("x" * 500)) < 80
     assert quote_name(None) == "-"
 
