@@ -21,7 +21,11 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def set_parent_death_signal(signum: int) -> bool:
-    """Ask the kernel to send `signum` when the parent exits; return False where unsupported."""
+    """Ask the kernel to send `signum` when the parent exits; return False where unsupported.
+
+    Linux sends it when the parent thread that forked this process exits. syncproxy starts the
+    core from its event loop, in its main thread, which lives as long as syncproxy does.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
