@@ -23,8 +23,8 @@ from .datadir import DataDir
 from .gate import RequestGate
 from .listener import Listener, hypercorn_config
 from .proxy import ProxyApp
-from .throttle import LoginThrottle
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
+from .throttle import LoginThrottle
 from .tls import CertificatePaths, create_server_context, ensure_generated, generated_names
 from .users import User, UserError, UserStore
 
