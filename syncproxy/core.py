@@ -9,6 +9,9 @@ Facts about the core that shape this module (anki 26.9):
   still exits non-zero, so the exit status says nothing about a clean stop.
 - It exits at once with no users, and a second core on the same SYNC_BASE fails with "Locked".
 - `GET /health` answers 200 once it accepts requests.
+- A panic while it holds its single lock (a malformed password hash at login is one cause)
+  poisons that lock: from then on every /sync and /msync request drops its connection while
+  `/health` still answers 200. The probe below detects that state and restarts the core.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -26,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from .users import User, check_phc
+from . import pidfile
+from .users import User, check_phc, validate_name
 
 log = logging.getLogger("syncproxy.core")
 core_output = logging.getLogger("syncproxy.core.output")
@@ -36,6 +41,19 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 # A core that has run this long is considered healthy again, so its backoff starts over.
 STABLE_AFTER = 60.0
+
+# The wedge probe: a request that takes the core's lock and is refused at once (no such host
+# key), so a healthy core returns 403 within about a millisecond.
+PROBE_PATH = "/sync/meta"
+PROBE_HOST_KEY = "syncproxy-probe"  # not hex, so never a real host key
+# Sent as the probe's client address, which no real client has, so that the core's log lines
+# about probes can be told apart and logged at debug level only.
+PROBE_CLIENT_ADDRESS = "0.0.0.0"
+PROBE_TIMEOUT = 30.0  # a full upload holds the lock this long at most on slow disks (estimate)
+# A dropped probe is retried once after this pause before the core is called wedged.
+PROBE_CONFIRM_DELAY = 0.5
+PANIC_MARKER = "panicked at"
+HOST_KEY_IN_QUERY = re.compile(r"([?&](?:k|sk)=)[^&\s\"]*")
 
 
 class CoreError(RuntimeError):
@@ -69,7 +87,10 @@ def core_environment(
         "RUST_LOG": os.environ.get("RUST_LOG", "anki=info"),
         "PYTHONUNBUFFERED": "1",
     })
+    # Every user reaches the core through here, so these checks cannot be bypassed: a name with
+    # ':' or a hash the core cannot parse would panic the core at the first login.
     for number, user in enumerate(sorted(users, key=lambda user: user.name), start=1):
+        validate_name(user.name)
         check_phc(user.phc)
         environment[f"SYNC_USER{number}"] = f"{user.name}:{user.phc}"
     return environment
@@ -79,14 +100,20 @@ class SyncCore:
     """One sync core child process, restarted with backoff when it exits on its own."""
 
     def __init__(
-        self, base: Path, max_payload_mb: int, port: int = 0, stop_timeout: float = 10.0
+        self, base: Path, max_payload_mb: int, port: int = 0, stop_timeout: float = 10.0,
+        pid_file: Path | None = None, probe_interval: float = 30.0,
     ) -> None:
         self.base = Path(base)
         self.max_payload_mb = max_payload_mb
         self.fixed_port = port
         self.stop_timeout = stop_timeout
+        self.pid_file = Path(pid_file) if pid_file else self.base.parent / "core.pid"
+        self.probe_interval = probe_interval
         self.port: int | None = None
         self.restarts = 0
+        self.wedge_restarts = 0
+        self._probe_task: asyncio.Task | None = None
+        self._suspect = asyncio.Event()
         self._users: tuple[User, ...] = ()
         self._process: asyncio.subprocess.Process | None = None
         self._relay_task: asyncio.Task | None = None
@@ -117,34 +144,49 @@ class SyncCore:
         self._stopping = False
         await self._spawn()
         self._watch_task = asyncio.create_task(self._watch(), name="core-watch")
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="core-probe")
 
     async def _spawn(self) -> None:
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(pidfile.stop_stale_core, self.pid_file, self.stop_timeout)
         self.port = self.fixed_port or free_loopback_port()
         environment = core_environment(self._users, self.base, self.port, self.max_payload_mb)
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "anki.syncserver",
+            sys.executable, "-m", "syncproxy.corelauncher", str(os.getpid()),
             env=environment,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal reaches syncproxy, not the core
         )
+        pidfile.write_pid_file(self.pid_file, self._process.pid)
         log.info("sync core starting pid=%d port=%d users=%d", self._process.pid, self.port,
                  len(self._users))
         self._relay_task = asyncio.create_task(self._relay(self._process), name="core-output")
-        await self._wait_healthy(self._process)
+        try:
+            await self._wait_healthy(self._process)
+        except CoreError:
+            # A core that never became healthy would otherwise keep its lock and its port.
+            await self._terminate(self._process)
+            raise
 
     async def _relay(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
         async for line in process.stdout:
             text = line.decode("utf-8", "replace").rstrip()
+            # The core logs request URIs, and a legacy media request carries the host key in
+            # its query string.
+            text = HOST_KEY_IN_QUERY.sub(r"\1<redacted>", text)
             if not text:
                 continue
             # After SIGINT the core's Python wrapper prints a KeyboardInterrupt traceback,
             # which is expected noise, not an error.
-            level = logging.DEBUG if self._stopping else logging.INFO
+            level = logging.INFO
+            if self._stopping or f'ip="{PROBE_CLIENT_ADDRESS}"' in text:
+                level = logging.DEBUG
             core_output.log(level, "core: %s", text)
+            if PANIC_MARKER in text:
+                self.suspect("core panicked")
 
     async def _wait_healthy(self, process: asyncio.subprocess.Process) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -183,7 +225,7 @@ class SyncCore:
             try:
                 self.restarts += 1
                 await self._spawn()
-            except (CoreError, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - the supervisor must outlive any failure
                 log.error("sync core restart failed error=%r", str(error))
 
     async def restart(self, users: Sequence[User]) -> None:
@@ -196,23 +238,76 @@ class SyncCore:
         """Stop the core with SIGINT, killing it if it has not exited after the grace period."""
         self._stopping = True
         self._ready.clear()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-            self._watch_task = None
+        for task in (self._watch_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watch_task = self._probe_task = None
         process = self._process
         if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), self.stop_timeout)
-            except asyncio.TimeoutError:
-                log.warning("sync core ignored SIGINT for %.0fs, killing it pid=%d",
-                            self.stop_timeout, process.pid)
-                process.kill()
-                await process.wait()
+            await self._terminate(process)
             log.info("sync core stopped pid=%d", process.pid)
+        pidfile.remove_pid_file(self.pid_file)
         if self._relay_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._relay_task
             self._relay_task = None
+
+    async def _terminate(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.wait(), self.stop_timeout)
+        except asyncio.TimeoutError:
+            log.warning("sync core ignored SIGINT for %.0fs, killing it pid=%d",
+                        self.stop_timeout, process.pid)
+            process.kill()
+            await process.wait()
+
+    def suspect(self, reason: str) -> None:
+        """Probe the core now: something suggests it stopped serving syncs."""
+        if not self._suspect.is_set():
+            log.info("probing sync core reason=%r", reason)
+        self._suspect.set()
+
+    async def _probe_loop(self) -> None:
+        """Restart a core that drops every sync request while /health still answers 200."""
+        interval = self.probe_interval if self.probe_interval > 0 else None
+        async with httpx.AsyncClient(trust_env=False, timeout=PROBE_TIMEOUT) as client:
+            while not self._stopping:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._suspect.wait(), interval)
+                self._suspect.clear()
+                process = self._process
+                if not self.ready or process is None:
+                    continue
+                if await self._probe(client) != "dropped":
+                    continue
+                await asyncio.sleep(PROBE_CONFIRM_DELAY)
+                if process is not self._process or await self._probe(client) != "dropped":
+                    continue
+                self.wedge_restarts += 1
+                log.error("sync core stopped serving syncs while /health answers, restarting it "
+                          "pid=%d", process.pid)
+                self._ready.clear()
+                # The watcher notices the exit and starts a new core.
+                await self._terminate(process)
+
+    async def _probe(self, client: httpx.AsyncClient) -> str:
+        """Send one request that takes the core's lock: 'ok', 'dropped' or 'inconclusive'."""
+        headers = {
+            "anki-sync": f'{{"v":11,"k":"{PROBE_HOST_KEY}","c":"syncproxy-probe","s":""}}',
+            # The core reads the client address from this header (SYNC_IP_HEADER) and answers
+            # 500 without it.
+            "x-forwarded-for": PROBE_CLIENT_ADDRESS,
+        }
+        try:
+            await client.post(self.url + PROBE_PATH, headers=headers, content=b"")
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            return "dropped"
+        except httpx.TransportError:
+            # Refused or timed out: the core is restarting or busy; the watcher covers a dead one.
+            return "inconclusive"
+        return "ok"

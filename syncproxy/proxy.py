@@ -28,6 +28,7 @@ from .httpsemantics import (
 from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 from .metrics import Metrics
 from .upstream_client import UpstreamClients
+from .throttle import LoginThrottle
 
 log = logging.getLogger("syncproxy.proxy")
 access_log = logging.getLogger("syncproxy.access")
@@ -60,6 +61,9 @@ class Upstream(Protocol):
     def url(self) -> str: ...
 
     def unavailable_reason(self) -> str | None: ...
+
+    def upstream_failed(self, path: str, error: Exception) -> None:
+        """Report a sync request that lost its upstream connection before any response."""
 
 
 class HostKeys(Protocol):
@@ -122,9 +126,11 @@ class ProxyApp:
         legacy_logins: LegacyLogins | None = None,
         client_idle_timeout: float = 120.0,
         metrics: Metrics | None = None,
+        login_throttle: LoginThrottle | None = None,
     ) -> None:
         self.upstream = upstream
         self.legacy_logins = legacy_logins
+        self.login_throttle = login_throttle
         self.gate = gate
         self.host_keys = host_keys
         self.max_body_bytes = max_body_bytes
@@ -166,6 +172,8 @@ class ProxyApp:
 
     async def _handle(self, exchange: Exchange) -> None:
         path = exchange.scope["path"]
+        log.debug("request started client=%s method=%s path=%s", exchange.client_address(),
+                  exchange.scope["method"], path)
         if path == self.health_path:
             healthy, detail = self.health()
             await exchange.respond(200 if healthy else 503, detail + "\n")
@@ -178,6 +186,11 @@ class ProxyApp:
                 f"and /msync/ itself).\n",
             )
             return
+
+        if (self.login_throttle is not None and self.login_throttle.enabled
+                and is_login_request(exchange.scope["method"], path)):
+            if not await self._admit_login(exchange, self.login_throttle):
+                return
 
         if (self.legacy_logins is not None and self.legacy_logins.has_pending_users()
                 and is_login_request(exchange.scope["method"], path)):
@@ -236,6 +249,8 @@ class ProxyApp:
         matched = await self.legacy_logins.upgrade_legacy_login(credentials.username,
                                                                 credentials.password)
         if matched is False:
+            if exchange.on_upstream_status is not None:
+                await exchange.on_upstream_status(403)  # counts as a failed login
             await exchange.respond(403, "Login failed: wrong user name or password.\n")
             return False
         return True
@@ -248,6 +263,31 @@ class ProxyApp:
             408, f"Request timeout: the client sent no request body bytes for "
                  f"{self.client_idle_timeout:g} s (setting client_idle_timeout).\n",
             [(b"connection", b"close")])
+
+    async def _admit_login(self, exchange: Exchange, throttle: LoginThrottle) -> bool:
+        """Refuse a throttled login, or arrange to count its outcome; False if answered."""
+        address = exchange.client_address()
+        name = await login_user_name(exchange)
+        refusal = throttle.check(address, name)
+        if refusal is not None:
+            if self.metrics is not None:
+                self.metrics.refused_logins.labels(reason="throttled").inc()
+            subject = "from this address" if refusal.scope == "client" else "for this user name"
+            minutes = max(1, round(refusal.retry_after / 60))
+            await exchange.respond(
+                503, f"Too many failed logins {subject}. Try again in {minutes} minutes.\n",
+                [(b"retry-after", str(refusal.retry_after).encode())],
+            )
+            return False
+
+        async def count_outcome(status: int) -> None:
+            if status == 403:
+                await asyncio.sleep(throttle.record_failure(address, name))
+            elif status == 200:
+                throttle.record_success(address, name)
+
+        exchange.on_upstream_status = count_outcome
+        return True
 
     async def _forward(self, exchange: Exchange) -> None:
         scope = exchange.scope
@@ -318,12 +358,15 @@ class ProxyApp:
                 if exchange.client_gone:
                     return
                 log.warning("upstream failed url=%s error=%r", self.upstream.url, str(error))
+                self.upstream.upstream_failed(scope["path"], error)
                 await exchange.respond(502, f"Upstream failed: {type(error).__name__} from "
                                             f"{self.upstream.url}; the sync core may have "
                                             f"restarted, try again.\n")
                 return
 
             try:
+                if exchange.on_upstream_status is not None:
+                    await exchange.on_upstream_status(response.status_code)
                 await exchange.start_response(
                     response.status_code, end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
                 )
@@ -359,6 +402,8 @@ class Exchange:
         self.client_gone = False
         self.response_started = False
         self._prefetched: list[bytes] = []
+        # Awaited with the upstream's status before the response starts.
+        self.on_upstream_status: Callable[[int], Awaitable[None]] | None = None
 
     def client_address(self) -> str:
         client = self.scope.get("client")
@@ -505,3 +550,16 @@ class Exchange:
             self.status, self.bytes_in, self.bytes_out,
             (time.monotonic() - self.started) * 1000,
         )
+
+
+async def login_user_name(exchange: Exchange) -> str | None:
+    """Return the user name a login request carries, or None if its body cannot be read."""
+    body = await exchange.prefetch_body(MAX_LOGIN_BODY_BYTES)
+    if body is None:
+        return None
+    headers = {key.decode("latin-1").lower(): value.decode("latin-1")
+               for key, value in exchange.scope["headers"]}
+    try:
+        return read_credentials(headers, body).username
+    except LoginBodyError:
+        return None

@@ -26,6 +26,7 @@ from .proxy import ProxyApp
 from .acme import AcmeService
 from .certreload import ReloadingCertificate
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
+from .throttle import LoginThrottle
 from .tls import CertificatePaths, ensure_generated, generated_names
 from .users import User, UserError, UserStore
 
@@ -65,6 +66,10 @@ class BundledCore:
 
     def valid_host_keys(self) -> frozenset[str]:
         return self._host_keys
+
+    def upstream_failed(self, path: str, error: Exception) -> None:
+        """Check the core at once when a sync request lost its connection to it."""
+        self.core.suspect(f"{type(error).__name__} on {path}")
 
     def _load(self) -> dict[str, User]:
         self._signature = self.store.signature()
@@ -154,6 +159,9 @@ class ExternalUpstream:
     def valid_host_keys(self) -> None:
         return None
 
+    def upstream_failed(self, path: str, error: Exception) -> None:
+        pass
+
 
 def prepare_tls(settings: Any, data_dir: DataDir) -> ReloadingCertificate | None:
     if not settings.tls:
@@ -195,7 +203,8 @@ async def run(settings: Any) -> int:
         log.info("forwarding to an existing sync server upstream=%s", upstream.url)
     else:
         core = SyncCore(data_dir.collections, settings.max_body_mb, settings.core_port,
-                        settings.core_stop_timeout)
+                        settings.core_stop_timeout, pid_file=data_dir.root / "core.pid",
+                        probe_interval=settings.core_probe_interval)
         upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
 
     metrics = Metrics()
@@ -229,6 +238,8 @@ async def run(settings: Any) -> int:
             health=health,
             client_idle_timeout=settings.client_idle_timeout,
             metrics=metrics,
+            login_throttle=LoginThrottle(settings.login_max_failures,
+                                         settings.login_block_seconds),
         )
         if tls:
             tasks.append(asyncio.create_task(tls.watch(), name="certificate"))

@@ -120,6 +120,15 @@ OPTIONS: tuple[Option, ...] = (
            "port", minimum=0, maximum=65535),
     Option("core_stop_timeout", "float", 10.0, "seconds the sync core gets to stop after "
            "SIGINT before it is killed", minimum=0.1, maximum=600),
+    Option("core_probe_interval", "float", 30.0, "seconds between checks that the sync core "
+           "still serves syncs (it is also checked at once when a sync request fails); 0 checks "
+           "only on failures", minimum=0, maximum=86400),
+    Option("login_max_failures", "int", 10, "failed logins from one client address, or for one "
+           "user name, after which further logins are refused for login_block_seconds; 0 turns "
+           "login throttling off", minimum=0, maximum=1_000_000),
+    Option("login_block_seconds", "float", 900.0, "seconds logins stay refused after "
+           "login_max_failures failures; failures older than this are forgotten",
+           minimum=1, maximum=86400 * 30),
     Option("shutdown_grace", "float", 300.0, "seconds requests in flight get to finish when "
            "syncproxy is stopped", minimum=0, maximum=86400),
     Option("health_path", "str", "/_syncproxy/health", "path of syncproxy's own health check"),

@@ -38,10 +38,14 @@ SALT_BYTES = 16
 MAX_NAME_BYTES = 64
 
 # The format the sync core accepts: $pbkdf2-sha256$i=ROUNDS,l=32$SALT$HASH, unpadded base64.
+# The core parses hashes with the Rust `password-hash` crate, which takes a salt of at most
+# 64 base64 characters and a hash output of 10 to 64 bytes. A longer one passes a looser check
+# and then panics the core at login (seen with anki 26.9.3).
 _PHC_RE = re.compile(
     r"^\$pbkdf2-(?P<digest>sha256|sha512)\$i=(?P<rounds>[0-9]{1,9}),l=(?P<length>[0-9]{1,3})"
-    r"\$(?P<salt>[A-Za-z0-9+/]{11,})\$(?P<hash>[A-Za-z0-9+/]{22,})$"
+    r"\$(?P<salt>[A-Za-z0-9+/]{11,64})\$(?P<hash>[A-Za-z0-9+/]{22,86})$"
 )
+MAX_HASH_OUTPUT_BYTES = 64
 
 
 class UserError(ValueError):
@@ -105,6 +109,9 @@ def check_phc(phc: str) -> None:
         raise UserError(f"password hash has {match['rounds']} rounds; expected 1000 to 10000000")
     if int(match["length"]) != len(digest) or len(salt) < 8:
         raise UserError("password hash has a salt or length that does not match its parameters")
+    if len(digest) > MAX_HASH_OUTPUT_BYTES:
+        raise UserError(f"password hash output is {len(digest)} bytes; the sync core accepts at "
+                        f"most {MAX_HASH_OUTPUT_BYTES}")
 
 
 def verify_password(phc: str, password: str) -> bool:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from anki.collection import Collection
+from anki.collection import AddNoteRequest, Collection
 from anki.sync import SyncAuth
 from anki.sync_pb2 import SyncCollectionResponse
 
@@ -54,8 +54,9 @@ def build(args: argparse.Namespace) -> dict:
                 back += f' <img src="{media_names[index]}">'
             note["Back"] = back
             notes.append(note)
-        for note in notes:
-            col.add_note(note, deck_id)
+        # One call is one transaction: adding 20,000 notes one by one took minutes on a
+        # loaded 2-core machine, in one call a few seconds.
+        col.add_notes([AddNoteRequest(note, deck_id) for note in notes])
         return {"notes": col.note_count(), "media": media_names}
     finally:
         col.close()

@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 ANKI_CLIENT = Path(__file__).resolve().parent / "anki_client.py"
 START_TIMEOUT = 60.0
 
+# Every syncproxy log file and every password and host key the tests used, so that one test at
+# the end of the run can check that no log contains a secret.
+LOG_FILES: list[Path] = []
+SECRETS: set[str] = set()
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -45,8 +50,11 @@ def syncproxy(*args: str, input: str | None = None, env: dict[str, str] | None =
 
 
 def add_user(data_dir: Path, name: str, password: str) -> None:
+    SECRETS.add(password)
     syncproxy("user", "add", name, "--password-stdin", "--data-dir", str(data_dir),
               input=password + "\n")
+    users = json.loads((data_dir / "users.json").read_text())["users"]
+    SECRETS.update(entry["hash"] for entry in users.values())
 
 
 class SyncProxy:
@@ -60,6 +68,7 @@ class SyncProxy:
         self.env = env
         self.tls = tls
         self.log_path = self.data_dir.parent / f"syncproxy-{self.port}.log"
+        LOG_FILES.append(self.log_path)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -159,8 +168,10 @@ class AnkiClient:
         return self.run("build", "--notes", str(notes), "--media", str(media), "--label", label)
 
     def login(self, user: str, password: str) -> str:
+        SECRETS.add(password)
         self.hkey = self.run("login", "--endpoint", self.endpoint, "--user", user,
                              "--password-stdin", input=password + "\n")["hkey"]
+        SECRETS.add(self.hkey)
         return self.hkey
 
     def sync(self, *flags: str, check: bool = True) -> dict:
