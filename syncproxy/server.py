@@ -182,7 +182,7 @@ def describe_trust(tls: ReloadingCertificate | None, settings: Any) -> None:
         return
     if tls.source == "generated":
         log.info("clients must trust the local CA ca=%s; print it with 'syncproxy cert pem' "
-                 "(AnkiDroid: Settings > Sync > Custom sync server > Custom sync certificate)",
+                 "(AnkiDroid: Settings > Sync > Custom sync server > Custom root certificate (PEM))",
                  tls.cert_path.parent / "ca.pem")
     else:
         log.info("serving certificate cert=%s key=%s", settings.cert, settings.key)
