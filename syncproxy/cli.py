@@ -363,7 +363,7 @@ def command_config(args: argparse.Namespace, loaded: LoadedSettings | None) -> i
     for name, value, source in rows:
         print(f"{name:<{name_width}}  {value:<{value_width}}  {source}")
     file_note = loaded.config_file or "none found"
-    print(f"\nconfig file: {file_note}")
+    print(f"config file: {file_note}")
     for notice in loaded.notices:
         print(f"notice: {notice}")
     return 0
@@ -434,7 +434,7 @@ def health_target(loaded: LoadedSettings) -> dict[str, Any]:
     """
     settings = loaded.settings
     target = {name: getattr(settings, name) for name in HEALTH_OPTIONS}
-    if any(loaded.sources[name] == "command line" for name in HEALTH_OPTIONS):
+    if any(loaded.sources[name].startswith("command line") for name in HEALTH_OPTIONS):
         return target
     try:
         record = json.loads(DataDir.from_settings(settings).listening_file.read_text())

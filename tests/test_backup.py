@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import ssl
 import stat
 import tarfile
@@ -10,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from support import AnkiClient, SyncProxy, add_user, syncproxy
@@ -27,10 +30,17 @@ def served_certificate(port: int) -> bytes:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    import socket
     with socket.create_connection(("127.0.0.1", port)) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             return tls.getpeercert(binary_form=True)
+
+
+def host_key_status(server: SyncProxy, host_key: str) -> int:
+    """Return the status a /sync/meta request with this host key gets."""
+    header = json.dumps({"v": 11, "k": host_key, "c": "test", "s": "probe"})
+    response = httpx.post(server.endpoint + "sync/meta", headers={"anki-sync": header},
+                          verify=False)
+    return response.status_code
 
 
 def round_tags(back: str) -> list[str]:
@@ -85,6 +95,9 @@ def test_backup_during_syncs_then_restore(tmp_path: Path) -> None:
 
     with SyncProxy(restored_dir) as restored:
         assert served_certificate(restored.port) == certificate
+        # The users file came back unchanged, so the device's host key is still accepted.
+        assert host_key_status(restored, alice.hkey) != 403
+        assert host_key_status(restored, "0" * 40) == 403
         bob = AnkiClient(tmp_path / "fresh-device", restored.endpoint, restored.ca_file())
         bob.login("alice", "alice-pw")
         assert bob.sync("--download")["required"] == "FULL_DOWNLOAD"

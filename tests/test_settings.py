@@ -15,7 +15,7 @@ def show_rows(result_stdout: str) -> dict[str, tuple[str, str]]:
     """Parse `config show` output into {setting: (value, source)}."""
     rows = {}
     for line in result_stdout.splitlines()[1:]:
-        if not line.strip():
+        if line.startswith("config file: "):
             break
         name, value, source = re.split(r"\s{2,}", line.strip(), maxsplit=2)
         rows[name] = (value, source)
