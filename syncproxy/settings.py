@@ -203,11 +203,15 @@ _KIND_WORDS = {
 }
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def _expected(option: Option) -> str:
     """Describe the values an option accepts, for error messages."""
     words = _KIND_WORDS[option.kind]
     if option.minimum is not None and option.maximum is not None:
-        words += f" from {option.minimum:g} to {option.maximum:g}"
+        words += f" from {_number(option.minimum)} to {_number(option.maximum)}"
     if option.choices:
         words = "one of " + ", ".join(option.choices)
     return words
