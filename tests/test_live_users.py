@@ -12,13 +12,14 @@ from pathlib import Path
 
 from support import (ANKI_CLIENT, AnkiClient, ClientError, SyncProxy, add_user,
                      clean_environment, syncproxy)
-from syncproxy.users import UserStore
+from syncproxy.users import UserStore, hash_password
 
 NOTES = 20_000
 MEDIA = 10
 # Alice's uploads go through a relay at this rate, so that her full upload (about 1 MB for
 # 20,000 notes) is still in flight when bob is added, however fast the machine is.
 UPLOAD_BYTES_PER_SECOND = 600_000
+UPLOAD_IN_FLIGHT_BYTES = 200_000
 LOGIN_WITHIN_SECONDS = 5.0
 
 
@@ -28,6 +29,7 @@ class ThrottledRelay:
     def __init__(self, target_port: int, rate: int) -> None:
         self.target_port = target_port
         self.rate = rate
+        self.uploaded = 0  # bytes relayed from clients to the server
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -39,19 +41,19 @@ class ThrottledRelay:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream, self.rate),
+            threading.Thread(target=self._pump, args=(client, upstream, True),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None),
+            threading.Thread(target=self._pump, args=(upstream, client, False),
                              daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, rate: int | None) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
         chunk = 16_384
         try:
             while data := source.recv(chunk):
                 sink.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
+                if upload:
+                    self.uploaded += len(data)
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:
@@ -88,6 +90,9 @@ def test_user_added_during_full_upload(tmp_path: Path) -> None:
             env=environment,
         )
 
+        # Hashed ahead: 600,000 PBKDF2 rounds can take seconds on a loaded machine, and the
+        # change must land while alice's upload is still in flight.
+        bob_hash = hash_password("bob-pw")
         outcome: dict[str, object] = {}
 
         def upload() -> None:
@@ -102,9 +107,14 @@ def test_user_added_during_full_upload(tmp_path: Path) -> None:
         while "path=/sync/meta status=200" not in server.log():
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.02)
-        # /sync/upload follows /sync/meta at once. The users file is written the way
-        # 'syncproxy user add' writes it (the same UserStore), in-process to skip a start-up.
-        UserStore(data_dir / "users.json").add("bob", "bob-pw")
+        # The full upload is in flight once its first 200 KB have gone through the relay.
+        before_upload = relay.uploaded
+        while relay.uploaded - before_upload < UPLOAD_IN_FLIGHT_BYTES:
+            assert time.monotonic() < deadline, "alice's upload never started"
+            time.sleep(0.01)
+        # The users file is written through the same UserStore that 'syncproxy user add' uses,
+        # in-process to skip a start-up.
+        UserStore(data_dir / "users.json").put_hash("bob", bob_hash)
         added = time.monotonic()
         stdout, stderr = bob.communicate("bob-pw\n", timeout=120)
         login_seconds = time.monotonic() - added
