@@ -11,17 +11,29 @@ import os
 import sqlite3
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .ankisyncd import AnkisyncdError
+from .backup import BackupError, create_backup, restore_backup
+from .control import ControlError
 from .core import CoreError
 from .datadir import DataDir, DataDirError
 from .importing import MigrationError
-from .settings import OPTIONS, LoadedSettings, SettingsError, convert_cli_value, load_settings
+from .settings import (
+    OPTIONS,
+    LoadedSettings,
+    SettingsError,
+    convert_cli_value,
+    display_value,
+    example_toml,
+    load_settings,
+    nearest_name,
+)
 from .tls import (
     CertificateError,
     CertificatePaths,
@@ -31,11 +43,33 @@ from .tls import (
 )
 from .users import UserError, UserStore
 
-COMMANDS = ("serve", "user", "cert", "config", "health", "import")
+COMMANDS = ("serve", "user", "cert", "config", "health", "import", "backup", "restore")
+log = logging.getLogger("syncproxy")
 
 
 class CommandError(Exception):
     """A command failed in a way the user can fix; the message says how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that takes only whole flag names and names the nearest one.
+
+    Abbreviations are off because they would let `--max-body 5` stand for `--max-body-mb` and
+    keep the flags from mapping one to one onto the settings' other names.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [option.flag for option in OPTIONS] + [
+                "--config", "--password-stdin", "--no-tls", "--help", "--version"]
+            hints = [nearest_name(word.split("=")[0], known) for word in message.split()[2:]
+                     if word.startswith("--")]
+            message += "".join(hint for hint in hints if hint)
+        super().error(message)
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +93,10 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
+    options = _Parser(add_help=False)
     _add_option_flags(options)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="syncproxy",
         description="HTTP/1.1-only TLS front end and bundled sync server for Anki.",
         epilog="Without a command, syncproxy serves: 'syncproxy --port 444'.",
@@ -79,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name")
         sub.add_argument("--password-stdin", action="store_true",
                          help="read the password from the first line of standard input")
-    user_commands.add_parser("list", parents=[options], help="list users")
+    user_commands.add_parser("list", parents=[options],
+                             help="list users with their collection size and last sync")
     sub = user_commands.add_parser("remove", parents=[options], help="remove a user")
     sub.add_argument("name")
     sub = user_commands.add_parser(
@@ -102,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                                help="print every effective setting and where it came from")
     sub = config_commands.add_parser("check", help="validate a TOML settings file")
     sub.add_argument("file", type=Path)
+    config_commands.add_parser("example", help="print a settings file that documents every key")
+
+    sub = commands.add_parser("backup", parents=[options],
+                              help="write a consistent archive of the data directory, also "
+                                   "while the server runs")
+    sub.add_argument("dest", type=Path, metavar="DEST",
+                     help="archive file (.tar.gz, .tgz or .tar) or an existing directory")
+    sub = commands.add_parser("restore", parents=[options],
+                              help="fill an empty data directory from a backup archive")
+    sub.add_argument("archive", type=Path, metavar="ARCHIVE")
 
     importer = commands.add_parser("import", help="bring users and data over from another "
                                                   "sync server")
@@ -165,7 +210,7 @@ def read_password(args: argparse.Namespace) -> str:
 
 
 def command_user(args: argparse.Namespace, settings: Any) -> int:
-    data_dir = DataDir(settings.data_dir)
+    data_dir = DataDir.from_settings(settings)
     store = UserStore(data_dir.users_file)
     if args.user_command == "add":
         from .users import validate_name
@@ -187,14 +232,49 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
         pending = store.load_pending()
         if not users and not pending:
             print("no users; add one with: syncproxy user add NAME")
-        for name in sorted(set(users) | set(pending)):
-            if name not in pending:
-                print(name)
-            elif pending[name].phc:
-                print(f"{name}  (sessions revoked; not logged in since)")
-            else:
-                print(f"{name}  (imported from ankisyncd; not logged in yet)")
+            return 0
+        names = sorted(set(users) | set(pending))
+        width = max(len("USER"), *(len(name) for name in names))
+        print(f"{'USER':<{width}}  {'COLLECTION':>10}  LAST SYNC")
+        for name in names:
+            size, last = collection_usage(data_dir.collections / name)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
+            note = ""
+            if name in pending:
+                note = ("  (sessions revoked; not logged in since)" if pending[name].phc
+                        else "  (imported from ankisyncd; not logged in yet)")
+            print(f"{name:<{width}}  {_format_size(size):>10}  {when}{note}")
     return 0
+
+
+def collection_usage(folder: Path) -> tuple[int, float | None]:
+    """Return the bytes under a user's folder and the time of the newest synced change.
+
+    Only file metadata is read, because the running sync core holds the databases open
+    exclusively. The sync core opens media.db (and empties its WAL) at every start, so those
+    two files say nothing about syncs; the collection, its WAL and the media files do. A
+    checkpoint when the core stops can move the time from the last sync to that stop.
+    """
+    total = 0
+    newest: float | None = None
+    for directory, _folders, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue  # removed by a sync while we walked
+            total += info.st_size
+            if name in ("media.db", "media.db-wal") or (name.endswith("-wal")
+                                                         and info.st_size == 0):
+                continue
+            newest = info.st_mtime if newest is None else max(newest, info.st_mtime)
+    return total, newest
+
+
+def _format_size(size: int) -> str:
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KiB" if size else "0"
+    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 def command_cert(args: argparse.Namespace, settings: Any) -> int:
@@ -204,7 +284,7 @@ def command_cert(args: argparse.Namespace, settings: Any) -> int:
         paths = CertificatePaths(chain=Path(settings.cert), key=Path(settings.key),
                                  source="files")
     else:
-        data_dir = DataDir(settings.data_dir)
+        data_dir = DataDir.from_settings(settings)
         data_dir.prepare()
         paths = ensure_generated(data_dir.tls_dir, generated_names(settings))
     sys.stdout.write(trust_anchor_pem(paths).decode("ascii"))
@@ -216,7 +296,7 @@ def command_cert_status(settings: Any) -> int:
     from .acme import AcmeStatus, Certbot, options_from
     from .certreload import describe_certificate
 
-    data_dir = DataDir(settings.data_dir)
+    data_dir = DataDir.from_settings(settings)
     renewal = ""
     if settings.cert:
         source, chain = "files", Path(settings.cert)
@@ -265,23 +345,44 @@ def command_config(args: argparse.Namespace, loaded: LoadedSettings | None) -> i
         values = read_config_file(args.file)
         print(f"{args.file}: valid, {len(values)} setting(s)")
         return 0
+    if args.config_command == "example":
+        sys.stdout.write(example_toml())
+        return 0
     assert loaded is not None
-    width = max(len(option.name) for option in OPTIONS)
+    rows = []
     for option in OPTIONS:
-        value = getattr(loaded.settings, option.name)
-        shown = "********" if option.secret and value else _format_value(value)
-        print(f"{option.name:<{width}}  {shown:<28}  {loaded.sources[option.name]}")
+        source = loaded.sources[option.name]
+        hidden = loaded.overridden.get(option.name)
+        if hidden:
+            source += " (overrides " + "; ".join(hidden) + ")"
+        rows.append((option.name, display_value(option, getattr(loaded.settings, option.name)),
+                     source))
+    name_width = max(len(row[0]) for row in rows)
+    value_width = min(40, max(len(row[1]) for row in rows))
+    print(f"{'SETTING':<{name_width}}  {'VALUE':<{value_width}}  FROM")
+    for name, value, source in rows:
+        print(f"{name:<{name_width}}  {value:<{value_width}}  {source}")
+    file_note = loaded.config_file or "none found"
+    print(f"config file: {file_note}")
+    for notice in loaded.notices:
+        print(f"notice: {notice}")
     return 0
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(value) or "(none)"
-    if value is None or value == "":
-        return "(none)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def command_backup(args: argparse.Namespace, settings: Any) -> int:
+    result = create_backup(DataDir.from_settings(settings), args.dest)
+    how = (f"syncs held for {result.held_ms} ms" if result.server_running
+           else "no server was running")
+    print(f"wrote {result.archive}: {result.files} files, {_format_size(result.bytes)}; {how}")
+    return 0
+
+
+def command_restore(args: argparse.Namespace, settings: Any) -> int:
+    data_dir = DataDir.from_settings(settings)
+    count = restore_backup(args.archive, data_dir)
+    print(f"restored {count} files from {args.archive} into {data_dir.root}; start the server "
+          f"on it with: syncproxy --data-dir {data_dir.root}")
+    return 0
 
 
 def command_import(args: argparse.Namespace, settings: Any) -> int:
@@ -289,7 +390,7 @@ def command_import(args: argparse.Namespace, settings: Any) -> int:
     from .importing import (ImportRecord, TerminalProgress, apply_plan, describe_plan,
                             plan_import, summarize)
 
-    data_dir = DataDir(settings.data_dir)
+    data_dir = DataDir.from_settings(settings)
     source = AnkisyncdRoot(args.path, args.auth_db)
     print(f"ankisyncd users: {source.auth_db}; collections: {source.collections}")
     print(f"syncproxy data directory: {data_dir.root}")
@@ -333,10 +434,10 @@ def health_target(loaded: LoadedSettings) -> dict[str, Any]:
     """
     settings = loaded.settings
     target = {name: getattr(settings, name) for name in HEALTH_OPTIONS}
-    if any(loaded.sources[name] == "command line" for name in HEALTH_OPTIONS):
+    if any(loaded.sources[name].startswith("command line") for name in HEALTH_OPTIONS):
         return target
     try:
-        record = json.loads(DataDir(settings.data_dir).listening_file.read_text())
+        record = json.loads(DataDir.from_settings(settings).listening_file.read_text())
     except FileNotFoundError:
         return target
     except (OSError, ValueError) as error:
@@ -375,13 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         loaded = None
-        if not (args.command == "config" and args.config_command == "check"):
+        if not (args.command == "config" and args.config_command in ("check", "example")):
             loaded = settings_from(args)
         settings = loaded.settings if loaded else None
         if args.command == "serve":
             setup_logging(settings.log_level)
+            log.info("settings loaded config_file=%s", loaded.config_file or "-")
+            for notice in loaded.notices:
+                log.warning("compatibility: %s", notice)
             from .server import run
-            return asyncio.run(run(settings))
+            return asyncio.run(run(settings, loaded.seed_users))
         setup_logging("warning")
         if args.command == "user":
             return command_user(args, settings)
@@ -393,8 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             return command_health(loaded)
         if args.command == "import":
             return command_import(args, settings)
+        if args.command == "backup":
+            return command_backup(args, settings)
+        if args.command == "restore":
+            return command_restore(args, settings)
     except (SettingsError, UserError, DataDirError, CertificateError, CommandError,
-            CoreError, AnkisyncdError, MigrationError) as error:
+            CoreError, AnkisyncdError, MigrationError, BackupError, ControlError) as error:
         print(f"syncproxy: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

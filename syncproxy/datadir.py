@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import tempfile
 from pathlib import Path
+from typing import Any
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class DataDirError(RuntimeError):
@@ -25,17 +30,23 @@ class DataDir:
     Layout:
         syncproxy.toml   optional settings file
         users.json       user names and PHC password hashes (mode 0600)
-        collections/     the sync core's SYNC_BASE: one folder per user
+        collections/     the sync core's SYNC_BASE: one folder per user (collections_dir moves it)
         tls/             generated CA and server certificate
         acme/            certbot's configuration, account, webroot and logs
         listening.json   where the running server listens, for 'syncproxy health'
         ankisyncd-import.json
                          what 'syncproxy import ankisyncd' copied, so a rerun can tell
                          untouched collections from changed ones
+        control.sock     the running server's control socket (mode 0600), for local commands
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, collections: Path | None = None) -> None:
         self.root = Path(root)
+        self._collections = Path(collections) if collections is not None else None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DataDir:
+        return cls(settings.data_dir, getattr(settings, "collections_dir", None))
 
     @property
     def config_file(self) -> Path:
@@ -47,7 +58,11 @@ class DataDir:
 
     @property
     def collections(self) -> Path:
-        return self.root / "collections"
+        return self._collections or self.root / "collections"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
 
     @property
     def listening_file(self) -> Path:
@@ -77,28 +92,50 @@ class DataDir:
 
     def prepare(self) -> None:
         """Create the directory tree if missing and check that it can be written."""
-        for path in (self.root, self.collections, self.tls_dir):
+        # Checked folder by folder, so the error names the first one that cannot be used. A
+        # volume restored or copied by another user can leave single folders unwritable.
+        for path in (self.root, self.collections, self.tls_dir, self.acme_dir):
             try:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except PermissionError:
-                raise self._not_writable(path) from None
-        try:
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except PermissionError:
-            raise self._not_writable(self.root) from None
+                if path is not self.acme_dir:
+                    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if path.is_dir():
+                    with tempfile.TemporaryFile(dir=path):
+                        pass
+            except OSError as error:
+                if error.errno not in _NOT_WRITABLE:
+                    raise
+                raise self._not_writable(path, error) from None
+        users = self.users_file
+        if users.exists() and not os.access(users, os.R_OK | os.W_OK):
+            raise self._not_writable(users)
 
-    def _not_writable(self, path: Path) -> DataDirError:
+    def is_empty(self) -> bool:
+        """Return whether nothing worth keeping is in the data directory yet."""
+        kept = (self.config_file, self.users_file, self.collections, self.tls_dir, self.acme_dir)
+        for path in kept:
+            if path.is_dir() and any(path.iterdir()):
+                return False
+            if path.is_file():
+                return False
+        return True
+
+    def _not_writable(self, path: Path, error: OSError | None = None) -> DataDirError:
         existing = path
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
+        if isinstance(error, OSError) and error.errno == errno.EROFS:
+            return DataDirError(f"data directory path {path} is on a read-only file system; "
+                                f"mount it read-write or choose another directory with "
+                                f"--data-dir.")
         try:
-            owner = _user_name(existing.stat().st_uid)
+            uid = existing.stat().st_uid
+            owner = f"{_user_name(uid)} (uid {uid})"
         except OSError:
             owner = "unknown"
         running_as = _user_name(os.geteuid())
+        problem = "is not writable" if existing == path else "cannot be created"
         return DataDirError(
-            f"data directory {path} is not writable: {existing} is owned by {owner} and "
+            f"data directory path {path} {problem}: {existing} is owned by {owner} and "
             f"syncproxy runs as {running_as} (uid {os.geteuid()}). Give that user write access "
             f"(for a container volume: chown it to the container's UID) or choose another "
             f"directory with --data-dir."

@@ -22,9 +22,25 @@ log = logging.getLogger("syncproxy.gate")
 
 # A session whose client has sent nothing for this long has been abandoned.
 SESSION_IDLE_SECONDS = 60.0
+# A media sync with nothing to transfer is a lone /msync/begin with no closing request, so an
+# idle media session must expire soon, or every user change and backup would wait a minute
+# after each sync.
+# NOTE: 5 s is an estimate of the longest pause inside a media sync; a client that pauses longer
+# can meet a restart, and its media sync then fails once and succeeds on the next sync.
+MEDIA_SESSION_IDLE_SECONDS = 5.0
 
 SESSION_OPENERS = frozenset({"/sync/start", "/msync/begin"})
 SESSION_CLOSERS = frozenset({"/sync/finish", "/sync/abort", "/msync/mediaSanity"})
+# A media sync keeps state in the core between its requests, and current clients (anki 26.9)
+# start one with /msync/uploadChanges or /msync/mediaChanges, without /msync/begin: a core
+# restart between two uploadChanges made the client's media sync fail. Every media request
+# therefore opens or continues a session until /msync/mediaSanity.
+MEDIA_PREFIX = "/msync/"
+
+
+def opens_session(path: str) -> bool:
+    return path in SESSION_OPENERS or (path.startswith(MEDIA_PREFIX)
+                                       and path not in SESSION_CLOSERS)
 
 
 class GateTimeout(Exception):
@@ -39,7 +55,11 @@ class RequestGate:
         self._open.set()
         self._changed = asyncio.Event()
         self._active = 0
+        # host key -> (monotonic deadline after which the idle session is abandoned)
         self._sessions: dict[str, float] = {}
+        # One exclusive holder at a time: a backup and a user change must not reopen the gate
+        # for each other.
+        self._exclusive = asyncio.Lock()
 
     @property
     def active(self) -> int:
@@ -50,8 +70,8 @@ class RequestGate:
         return len(self._sessions)
 
     def _expire_sessions(self) -> None:
-        cutoff = time.monotonic() - SESSION_IDLE_SECONDS
-        for key in [key for key, seen in self._sessions.items() if seen < cutoff]:
+        now = time.monotonic()
+        for key in [key for key, deadline in self._sessions.items() if deadline < now]:
             del self._sessions[key]
 
     def _notify(self) -> None:
@@ -61,6 +81,7 @@ class RequestGate:
     @contextlib.asynccontextmanager
     async def admit(self, host_key: str, path: str, wait_limit: float) -> AsyncIterator[None]:
         """Hold the request while the gate is closed, unless its session is already under way."""
+        self._expire_sessions()
         in_session = bool(host_key) and host_key in self._sessions
         if not self._open.is_set() and not in_session:
             try:
@@ -68,14 +89,17 @@ class RequestGate:
             except asyncio.TimeoutError:
                 raise GateTimeout from None
 
-        if host_key:
-            if path in SESSION_OPENERS or in_session:
-                self._sessions[host_key] = time.monotonic()
+        idle = MEDIA_SESSION_IDLE_SECONDS if path.startswith(MEDIA_PREFIX) else SESSION_IDLE_SECONDS
+        if host_key and (opens_session(path) or in_session):
+            self._sessions[host_key] = time.monotonic() + idle
         self._active += 1
         try:
             yield
         finally:
             self._active -= 1
+            # The idle time counts from the end of the request: an upload can outlast it.
+            if host_key in self._sessions:
+                self._sessions[host_key] = time.monotonic() + idle
             if host_key and path in SESSION_CLOSERS:
                 self._sessions.pop(host_key, None)
             self._notify()
@@ -83,6 +107,12 @@ class RequestGate:
     @contextlib.asynccontextmanager
     async def exclusive(self, reason: str) -> AsyncIterator[None]:
         """Close the gate, wait until no request or session is in flight, run, then reopen."""
+        async with self._exclusive:
+            async with self._closed(reason):
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _closed(self, reason: str) -> AsyncIterator[None]:
         self._open.clear()
         started = time.monotonic()
         log.info("holding new syncs reason=%r active=%d sessions=%d", reason, self._active,

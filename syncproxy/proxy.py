@@ -192,15 +192,14 @@ class ProxyApp:
             if not await self._admit_login(exchange, self.login_throttle):
                 return
 
+        refresh = getattr(self.upstream, "refresh", None)
+        if refresh is not None and is_login_request(exchange.scope["method"], path):
+            await refresh()
+
         if (self.legacy_logins is not None and self.legacy_logins.has_pending_users()
                 and is_login_request(exchange.scope["method"], path)):
             if not await self._check_legacy_login(exchange):
                 return
-
-        reason = self.upstream.unavailable_reason()
-        if reason:
-            await exchange.respond(503, f"Sync server unavailable: {reason}\n")
-            return
 
         host_key = sync_host_key(exchange.scope)
         valid = self.host_keys.valid_host_keys()
@@ -224,7 +223,13 @@ class ProxyApp:
             return
 
         try:
+            # Checked after the gate: a request that arrives while the sync core restarts for
+            # a user change waits for it instead of getting 503.
             async with self.gate.admit(host_key, path, GATE_WAIT_SECONDS):
+                reason = self.upstream.unavailable_reason()
+                if reason:
+                    await exchange.respond(503, f"Sync server unavailable: {reason}\n")
+                    return
                 await self._forward(exchange)
         except GateTimeout:
             await exchange.respond(503, "Sync server is restarting; try again shortly.\n")

@@ -14,9 +14,12 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .compat import SeedUser, seed_users
+from .control import ControlServer
 from .core import CoreError, SyncCore
 from .datadir import DataDir
 from .gate import RequestGate
@@ -89,8 +92,15 @@ class BundledCore:
         """Apply changes to the users file while running."""
         while True:
             await asyncio.sleep(USERS_POLL_SECONDS)
-            if self.store.signature() == self._signature:
-                continue
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Apply the users file if it changed; also run before each login.
+
+        Without the call at login, a user who logs in right after 'syncproxy user add' could
+        be rejected for up to one poll interval.
+        """
+        if self.store.signature() != self._signature:
             await self.reload_users()
 
     async def reload_users(self) -> None:
@@ -188,9 +198,12 @@ def describe_trust(tls: ReloadingCertificate | None, settings: Any) -> None:
         log.info("serving certificate cert=%s key=%s", settings.cert, settings.key)
 
 
-async def run(settings: Any) -> int:
-    """Serve until SIGINT or SIGTERM; return the process exit status."""
-    data_dir = DataDir(settings.data_dir)
+async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
+    """Serve until SIGINT or SIGTERM; return the process exit status.
+
+    `seed` contains the users declared with the sync core's or ankisyncd's environment variables.
+    """
+    data_dir = DataDir.from_settings(settings)
     data_dir.prepare()
     log.info("data directory %s", " ".join(f"{name}={path}"
                                           for name, path in data_dir.describe().items()))
@@ -205,7 +218,14 @@ async def run(settings: Any) -> int:
         core = SyncCore(data_dir.collections, settings.max_body_mb, settings.core_port,
                         settings.core_stop_timeout, pid_file=data_dir.root / "core.pid",
                         probe_interval=settings.core_probe_interval)
-        upstream = BundledCore(core, UserStore(data_dir.users_file), gate)
+        store = UserStore(data_dir.users_file)
+        seed_users(store, list(seed))
+        upstream = BundledCore(core, store, gate)
+    if seed and settings.upstream:
+        log.warning("users declared in the environment are ignored with --upstream, because "
+                    "the upstream checks passwords itself")
+    control = ControlServer(data_dir.control_socket, gate)
+    await control.start()
 
     metrics = Metrics()
     listener: Listener | None = None
@@ -277,6 +297,7 @@ async def run(settings: Any) -> int:
         await stop.wait()
         log.info("stopping: finishing requests in flight grace_s=%g", settings.shutdown_grace)
     finally:
+        await control.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

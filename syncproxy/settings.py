@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import os
 import re
 import sys
+import textwrap
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +76,10 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("data_dir", "path", None, "directory that holds users, collections, media, "
            "certificates and ACME state (default: /var/lib/syncproxy as root, "
-           "~/.local/share/syncproxy otherwise)"),
+           "~/.local/share/syncproxy otherwise); not settable in the data directory's own "
+           "syncproxy.toml"),
+    Option("collections_dir", "path", None, "folder for the sync core's collections and media "
+           "(its SYNC_BASE); default: collections/ in the data directory"),
     Option("host", "str", "0.0.0.0", "address the front end listens on"),
     Option("port", "int", 8443, "TCP port the front end listens on", minimum=0, maximum=65535),
     Option("upstream", "str", "", "URL of an existing sync server to forward to instead of "
@@ -157,6 +164,23 @@ OPTIONS: tuple[Option, ...] = (
 
 OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 
+# Values shown in the example settings file for options whose default is empty.
+EXAMPLE_VALUES: dict[str, Any] = {
+    "data_dir": "/var/lib/syncproxy",
+    "collections_dir": "/var/lib/syncproxy/collections",
+    "upstream": "http://127.0.0.1:8080",
+    "cert": "/etc/letsencrypt/live/anki.example.org/fullchain.pem",
+    "key": "/etc/letsencrypt/live/anki.example.org/privkey.pem",
+    "hostname": ("anki.example.org", "192.168.1.10"),
+    "domain": ("anki.example.org",),
+    "acme_email": "admin@example.org",
+    "acme_ca_bundle": "/etc/ssl/private-ca.pem",
+    "sync_name": ("anki.example.org",),
+    "passthrough": "127.0.0.1:8443",
+    "route": ("www.example.org=127.0.0.1:8444",),
+    "proxy_protocol_from": ("10.0.0.0/8",),
+}
+
 Settings = dataclasses.make_dataclass(
     "Settings",
     [(option.name, Any, dataclasses.field(default=option.default)) for option in OPTIONS],
@@ -173,28 +197,46 @@ def nearest_name(name: str, candidates: Sequence[str]) -> str:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_KIND_WORDS = {
+    "str": "a string", "path": "a path", "int": "an integer", "float": "a number",
+    "bool": "true or false", "list": "a list of strings",
+}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _expected(option: Option) -> str:
+    """Describe the values an option accepts, for error messages."""
+    words = _KIND_WORDS[option.kind]
+    if option.minimum is not None and option.maximum is not None:
+        words += f" from {_number(option.minimum)} to {_number(option.maximum)}"
+    if option.choices:
+        words = "one of " + ", ".join(option.choices)
+    return words
 
 
 def _convert_text(option: Option, text: str) -> Any:
     """Convert a string from the environment or the command line to the option's type."""
+    stripped = text.strip()
     if option.kind == "bool":
-        lowered = text.strip().lower()
-        if lowered in _TRUE:
+        if stripped.lower() in _TRUE:
             return True
-        if lowered in _FALSE:
+        if stripped.lower() in _FALSE:
             return False
-        raise ValueError("expected true or false")
+        raise ValueError
     if option.kind == "list":
         return tuple(part.strip() for part in text.split(",") if part.strip())
-    return _CONVERTERS[option.kind](text)
-
-
-_CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "str": str,
-    "int": int,
-    "float": float,
-    "path": lambda value: Path(value).expanduser(),
-}
+    if option.kind == "int":
+        return int(stripped)
+    if option.kind == "float":
+        return float(stripped)
+    if option.kind == "path":
+        if not stripped:
+            raise ValueError
+        return Path(stripped).expanduser()
+    return text
 
 
 def _convert_toml(option: Option, value: Any) -> Any:
@@ -203,34 +245,52 @@ def _convert_toml(option: Option, value: Any) -> Any:
         "str": (str,), "path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
         "list": (list, str),
     }
-    if isinstance(value, bool) and option.kind in ("int", "float"):
-        raise ValueError(f"expected a {option.kind}, got a boolean")
+    # TOML booleans are Python ints, so `port = true` must not pass as 1.
+    if isinstance(value, bool) and option.kind != "bool":
+        raise ValueError
     if not isinstance(value, expected[option.kind]):
-        raise ValueError(f"expected a {option.kind}, got {type(value).__name__}")
+        raise ValueError
     if option.kind == "list":
         items = [value] if isinstance(value, str) else value
-        return tuple(str(item) for item in items)
+        if not all(isinstance(item, str) for item in items):
+            raise ValueError
+        return tuple(items)
     if option.kind == "path":
+        if not value.strip():
+            raise ValueError
         return Path(value).expanduser()
     if option.kind == "float":
         return float(value)
     return value
 
 
+def _type_error(option: Option, value: Any, where: str) -> SettingsError:
+    return SettingsError(f"{where}: invalid value {value!r} for {option.name}: expected "
+                         f"{_expected(option)}")
+
+
 def _check_range(option: Option, value: Any, where: str) -> None:
-    if option.minimum is not None and value < option.minimum:
-        raise SettingsError(
-            f"{where}: {value!r} is below the minimum of {option.minimum:g} for {option.name}"
-        )
-    if option.maximum is not None and value > option.maximum:
-        raise SettingsError(
-            f"{where}: {value!r} is above the maximum of {option.maximum:g} for {option.name}"
-        )
+    if option.kind == "float" and not math.isfinite(value):
+        raise _type_error(option, value, where)
+    outside = ((option.minimum is not None and value < option.minimum)
+               or (option.maximum is not None and value > option.maximum))
+    if outside:
+        raise SettingsError(f"{where}: {value!r} is out of range for {option.name}: expected "
+                            f"{_expected(option)}")
     if option.choices and value not in option.choices:
-        raise SettingsError(
-            f"{where}: {value!r} is not valid for {option.name}; "
-            f"choose one of {', '.join(option.choices)}"
-        )
+        hint = nearest_name(str(value), option.choices)
+        raise SettingsError(f"{where}: {value!r} is not valid for {option.name}: expected "
+                            f"{_expected(option)}{hint}")
+
+
+def parse_text(option: Option, text: str, where: str) -> Any:
+    """Convert and check a value given as text, as environment variables are."""
+    try:
+        value = _convert_text(option, text)
+    except ValueError:
+        raise _type_error(option, text, where) from None
+    _check_range(option, value, where)
+    return value
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -240,6 +300,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise SettingsError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise SettingsError(f"config file {path} is a directory; give the path of a "
+                            f"TOML file") from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"config file {path} is not valid TOML: {error}") from None
 
@@ -248,12 +311,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
         option = OPTIONS_BY_NAME.get(key)
         if option is None:
             hint = nearest_name(key, list(OPTIONS_BY_NAME))
-            raise SettingsError(f"{path}: unknown key {key!r}{hint}")
+            kind = "table" if isinstance(value, dict) else "key"
+            raise SettingsError(f"{path}: unknown {kind} {key!r}{hint} (settings are top-level "
+                                f"keys; 'syncproxy config example' lists them all)")
         try:
             converted = _convert_toml(option, value)
-        except ValueError as error:
-            raise SettingsError(f"{path}: invalid value {value!r} for {key}: {error}") from None
-        _check_range(option, converted, str(path))
+        except ValueError:
+            raise _type_error(option, value, f"{path}: key {key}") from None
+        _check_range(option, converted, f"{path}: key {key}")
         values[key] = converted
     return values
 
@@ -269,14 +334,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if option is None:
             hint = nearest_name(variable, list(known) + [ENV_PREFIX + "CONFIG"])
             raise SettingsError(f"unknown environment variable {variable}{hint}")
-        try:
-            converted = _convert_text(option, text)
-        except ValueError as error:
-            raise SettingsError(
-                f"invalid value {text!r} in {variable}: {error}"
-            ) from None
-        _check_range(option, converted, variable)
-        values[option.name] = converted
+        values[option.name] = parse_text(option, text, variable)
     return values
 
 
@@ -293,11 +351,18 @@ def convert_cli_value(option: Option, value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedSettings:
-    """The effective settings, the layer each came from, and the config file that was read."""
+    """The effective settings and where each value came from.
+
+    `sources` names the layer that won for each option; `overridden` lists the lower layers
+    that also set it, so that an edit that "has no effect" shows what hides it.
+    """
 
     settings: Any
     sources: dict[str, str]
     config_file: Path | None
+    overridden: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    notices: list[str] = dataclasses.field(default_factory=list)
+    seed_users: list[Any] = dataclasses.field(default_factory=list)
 
 
 def find_config_file(
@@ -319,36 +384,75 @@ def load_settings(
     cli_config: Path | None = None,
 ) -> LoadedSettings:
     """Merge the four layers. `cli_values` holds only the options given on the command line."""
+    from .compat import read_compat_environment
+
     environ = os.environ if environ is None else environ
     env_values = read_environment(environ)
+    compat = read_compat_environment(environ)
 
     # The data directory decides where the default config file lives, so it is resolved from
     # the layers that cannot come from that file first.
     early_data_dir = cli_values.get("data_dir") or env_values.get("data_dir")
-    config_file = find_config_file(cli_config, environ, early_data_dir or default_data_dir())
+    data_dir_for_file = early_data_dir or default_data_dir()
+    config_file = find_config_file(cli_config, environ, data_dir_for_file)
     file_values = read_config_file(config_file) if config_file else {}
+    if (config_file is not None and "data_dir" in file_values
+            and config_file == Path(data_dir_for_file) / CONFIG_FILE_NAME):
+        raise SettingsError(
+            f"{config_file}: key data_dir cannot be set in the data directory's own "
+            f"{CONFIG_FILE_NAME}, because that file is only found once the data directory is "
+            f"known. Remove the key, or keep the file elsewhere and pass it with --config or "
+            f"SYNCPROXY_CONFIG."
+        )
 
+    layers = (
+        ("file " + str(config_file), file_values, {}),
+        ("environment", compat.values, compat.sources),
+        ("environment", env_values, {}),
+        ("command line", cli_values, {}),
+    )
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    layers = (
-        ("file " + str(config_file), file_values),
-        ("environment", env_values),
-        ("command line", cli_values),
-    )
+    overridden: dict[str, list[str]] = {}
+    notices = list(compat.notices)
     for option in OPTIONS:
         values[option.name] = option.default
         sources[option.name] = "default"
-        for layer_name, layer_values in layers:
-            if option.name in layer_values:
-                values[option.name] = layer_values[option.name]
-                sources[option.name] = layer_name
+        for layer_name, layer_values, layer_sources in layers:
+            if option.name not in layer_values:
+                continue
+            label = _layer_label(option, layer_name, layer_sources, layer_values is env_values)
+            if sources[option.name] != "default":
+                overridden.setdefault(option.name, []).append(sources[option.name])
+            values[option.name] = layer_values[option.name]
+            sources[option.name] = label
+        for lower in overridden.get(option.name, []):
+            if lower.startswith("environment ") and lower.split()[1] in compat.sources.values():
+                notices.append(f"{lower.split()[1]} is overridden by {sources[option.name]}")
 
     if values["data_dir"] is None:
         values["data_dir"] = default_data_dir()
     values["data_dir"] = Path(values["data_dir"]).expanduser().absolute()
+    if values["collections_dir"] is None:
+        values["collections_dir"] = values["data_dir"] / "collections"
+    values["collections_dir"] = Path(values["collections_dir"]).expanduser().absolute()
     settings = Settings(**values)
     validate(settings)
-    return LoadedSettings(settings=settings, sources=sources, config_file=config_file)
+    return LoadedSettings(settings=settings, sources=sources, config_file=config_file,
+                          overridden=overridden, notices=notices,
+                          seed_users=list(compat.seed_users))
+
+
+def _layer_label(option: Option, layer: str, layer_sources: Mapping[str, str],
+                 native_env: bool) -> str:
+    """Name the exact place a value came from: the file, the variable or the flag."""
+    if layer_sources:
+        return f"environment {layer_sources[option.name]}"
+    if native_env:
+        return f"environment {option.env}"
+    if layer == "command line":
+        return f"command line {option.flag}"
+    return layer
 
 
 def validate(settings: Any) -> None:
@@ -433,3 +537,61 @@ def _validate_acme(settings: Any) -> None:
     if settings.http_port == settings.port and settings.http_port != 0:
         raise SettingsError(f"http_port and port are both {settings.port}; the plain-HTTP "
                             f"listener needs a port of its own")
+
+
+def display_value(option: Option, value: Any) -> str:
+    """Format a value for `config show`, hiding secrets and passwords inside URLs."""
+    if option.secret and value:
+        return "********"
+    if isinstance(value, tuple):
+        return ",".join(value) or "(none)"
+    if value is None or value == "":
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if option.kind == "str" and "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        if parts.password:
+            netloc = f"{parts.username}:********@{parts.hostname}"
+            if parts.port:
+                netloc += f":{parts.port}"
+            text = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return text
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    return json.dumps(str(value))
+
+
+def example_toml() -> str:
+    """Return the example settings file: every option, commented out, with its default."""
+    lines = [
+        "# syncproxy settings file. Every key is optional and shown with its default.",
+        "#",
+        "# syncproxy reads this file from --config FILE, else SYNCPROXY_CONFIG, else",
+        f"# {CONFIG_FILE_NAME} in the data directory. Later layers win:",
+        "#   built-in default < this file < SYNCPROXY_* environment < command-line flag",
+        "# 'syncproxy config show' prints each effective value and the layer it came from;",
+        "# 'syncproxy config check FILE' validates a file without starting anything.",
+        "#",
+        "# Generated by 'syncproxy config example'; do not edit by hand.",
+    ]
+    for option in OPTIONS:
+        lines.append("")
+        lines.extend("# " + line for line in textwrap.wrap(option.help[0].upper()
+                                                            + option.help[1:] + ".", 92))
+        lines.append(f"# Type: {_expected(option)}. Environment: {option.env}. "
+                     f"Flag: {option.flag}.")
+        shown = option.default
+        if shown is None or shown == "" or shown == ():
+            shown = EXAMPLE_VALUES[option.name]
+            lines.append("# (empty by default; example value below)")
+        lines.append(f"# {option.name} = {_toml_literal(shown)}")
+    return "\n".join(lines) + "\n"

@@ -284,6 +284,19 @@ class UserStore:
             users[name] = user
         return user
 
+    def put_hash(self, name: str, phc: str) -> User:
+        """Add the user or replace its hash with `phc`; a pending user becomes an active one."""
+        validate_name(name)
+        check_phc(phc)
+        with self._locked() as (users, pending):
+            if name in pending:
+                created = pending.pop(name).created
+            else:
+                created = users[name].created if name in users else time.time()
+            user = User(name=name, phc=phc, created=created)
+            users[name] = user
+        return user
+
     def remove(self, name: str) -> None:
         with self._locked() as (users, pending):
             if name in pending:

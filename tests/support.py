@@ -164,8 +164,9 @@ class AnkiClient:
             return {"error": result.stderr}
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    def build(self, notes: int, media: int = 0, label: str = "") -> dict:
-        return self.run("build", "--notes", str(notes), "--media", str(media), "--label", label)
+    def build(self, notes: int, media: int = 0, label: str = "", media_size: int = 20_000) -> dict:
+        return self.run("build", "--notes", str(notes), "--media", str(media), "--label", label,
+                        "--media-size", str(media_size))
 
     def login(self, user: str, password: str) -> str:
         SECRETS.add(password)

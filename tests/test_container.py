@@ -181,7 +181,8 @@ def test_container_syncs_and_keeps_data(
     try:
         second.start()
         second.wait_healthy()
-        assert second.exec("syncproxy", "user", "list").split() == [USER]
+        listed = second.exec("syncproxy", "user", "list").splitlines()
+        assert [line.split()[0] for line in listed[1:]] == [USER]
         assert second.exec("syncproxy", "cert", "pem") == pem_before
 
         # The first device's host key still works: nothing to sync.
