@@ -294,6 +294,35 @@ class ProxyApp:
         exchange.on_upstream_status = count_outcome
         return True
 
+    async def _answer_failed_send(self, exchange: Exchange, error: Exception) -> None:
+        """Answer a request whose exchange with the upstream failed before any response."""
+        url = self.upstream.url
+        if isinstance(error, BodyTooLarge):
+            exchange.reject_reason = "body_too_large"
+            await exchange.respond_too_large(self.max_body_bytes)
+        elif isinstance(error, ClientStalled):
+            await self._reject_stalled(exchange)
+        elif isinstance(error, httpx.ConnectTimeout):
+            log.warning("upstream connect timed out url=%s timeout_s=%g", url,
+                        self.connect_timeout)
+            await exchange.respond(502, f"Upstream unreachable: no connection to {url} within "
+                                        f"{self.connect_timeout:g} s "
+                                        f"(setting upstream_connect_timeout).\n")
+        elif isinstance(error, httpx.ConnectError):
+            log.warning("upstream unreachable url=%s error=%r", url, str(error))
+            await exchange.respond(502, f"Upstream unreachable: cannot connect to {url} "
+                                        f"({error}).\n")
+        elif isinstance(error, httpx.TimeoutException):
+            log.warning("upstream timed out url=%s idle_s=%g", url, self.idle_timeout)
+            await exchange.respond(504, f"Upstream timed out: no data from {url} for "
+                                        f"{self.idle_timeout:g} s "
+                                        f"(setting upstream_idle_timeout).\n")
+        elif not exchange.client_gone:
+            log.warning("upstream failed url=%s error=%r", url, str(error))
+            self.upstream.upstream_failed(exchange.scope["path"], error)
+            await exchange.respond(502, f"Upstream failed: {type(error).__name__} from {url}; "
+                                        f"the sync core may have restarted, try again.\n")
+
     async def _forward(self, exchange: Exchange) -> None:
         scope = exchange.scope
         target = self.upstream.url + scope["raw_path"].decode("latin-1")
@@ -302,12 +331,8 @@ class ProxyApp:
 
         try:
             prefix, complete = await exchange.read_prefix(SMALL_BODY_BYTES, self.max_body_bytes)
-        except BodyTooLarge:
-            exchange.reject_reason = "body_too_large"
-            await exchange.respond_too_large(self.max_body_bytes)
-            return
-        except ClientStalled:
-            await self._reject_stalled(exchange)
+        except (BodyTooLarge, ClientStalled) as error:
+            await self._answer_failed_send(exchange, error)
             return
         except httpx.ReadError:
             return  # the client went away before sending its whole body
@@ -333,40 +358,8 @@ class ProxyApp:
         async with self.clients.borrow() as client:
             try:
                 response = await client.send(request, stream=True)
-            except BodyTooLarge:
-                exchange.reject_reason = "body_too_large"
-                await exchange.respond_too_large(self.max_body_bytes)
-                return
-            except ClientStalled:
-                await self._reject_stalled(exchange)
-                return
-            except httpx.ConnectTimeout:
-                log.warning("upstream connect timed out url=%s timeout_s=%g", self.upstream.url,
-                            self.connect_timeout)
-                await exchange.respond(502, f"Upstream unreachable: no connection to "
-                                            f"{self.upstream.url} within {self.connect_timeout:g} s "
-                                            f"(setting upstream_connect_timeout).\n")
-                return
-            except httpx.ConnectError as error:
-                log.warning("upstream unreachable url=%s error=%r", self.upstream.url, str(error))
-                await exchange.respond(502, f"Upstream unreachable: cannot connect to "
-                                            f"{self.upstream.url} ({error}).\n")
-                return
-            except httpx.TimeoutException:
-                log.warning("upstream timed out url=%s idle_s=%g", self.upstream.url,
-                            self.idle_timeout)
-                await exchange.respond(504, f"Upstream timed out: no data from {self.upstream.url} "
-                                            f"for {self.idle_timeout:g} s "
-                                            f"(setting upstream_idle_timeout).\n")
-                return
-            except httpx.TransportError as error:
-                if exchange.client_gone:
-                    return
-                log.warning("upstream failed url=%s error=%r", self.upstream.url, str(error))
-                self.upstream.upstream_failed(scope["path"], error)
-                await exchange.respond(502, f"Upstream failed: {type(error).__name__} from "
-                                            f"{self.upstream.url}; the sync core may have "
-                                            f"restarted, try again.\n")
+            except (BodyTooLarge, ClientStalled, httpx.TransportError) as error:
+                await self._answer_failed_send(exchange, error)
                 return
 
             try:
