@@ -104,10 +104,10 @@ class DataDir:
             except OSError as error:
                 if error.errno not in _NOT_WRITABLE:
                     raise
-                raise self._not_writable(path, error) from None
+                raise self.not_writable(path, error) from None
         users = self.users_file
         if users.exists() and not os.access(users, os.R_OK | os.W_OK):
-            raise self._not_writable(users)
+            raise self.not_writable(users)
 
     def is_empty(self) -> bool:
         """Return whether nothing worth keeping is in the data directory yet."""
@@ -119,7 +119,7 @@ class DataDir:
                 return False
         return True
 
-    def _not_writable(self, path: Path, error: OSError | None = None) -> DataDirError:
+    def not_writable(self, path: Path, error: OSError | None = None) -> DataDirError:
         existing = path
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent

@@ -373,8 +373,17 @@ def find_config_file(
         return cli_config
     if environ.get(ENV_PREFIX + "CONFIG"):
         return Path(environ[ENV_PREFIX + "CONFIG"]).expanduser()
-    if data_dir is not None and (data_dir / CONFIG_FILE_NAME).is_file():
-        return data_dir / CONFIG_FILE_NAME
+    if data_dir is not None:
+        candidate = data_dir / CONFIG_FILE_NAME
+        try:
+            found = candidate.is_file()
+        except PermissionError as error:
+            # A data directory of another user (a container volume with the wrong owner) must
+            # get the message that names owner and running user, not a bare EACCES.
+            from .datadir import DataDir
+            raise DataDir(data_dir).not_writable(data_dir, error) from None
+        if found:
+            return candidate
     return None
 
 

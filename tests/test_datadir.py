@@ -68,3 +68,18 @@ def test_unwritable_subfolder_is_named(shared_dir: Path) -> None:
     result = serve_as_nobody(data_dir)
     assert result.returncode == 2
     assert f"data directory path {data_dir / 'collections'} is not writable" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to the user nobody")
+def test_private_dir_of_other_user(shared_dir: Path) -> None:
+    # A container volume left owned by another UID with mode 0700: not even readable.
+    data_dir = shared_dir / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, 12345, 12345)
+    result = serve_as_nobody(data_dir)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert f"data directory path {data_dir} is not writable" in message
+    assert "owned by 12345 (uid 12345)" in message
+    assert "syncproxy runs as nobody (uid 65534)" in message
+    assert "Traceback" not in result.stderr
