@@ -38,6 +38,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SYNC_PREFIXES = ("/sync/", "/msync/")
+# What a client sends when its sync URL already ends in /sync/ or /msync/.
+DOUBLED_PREFIXES = tuple(outer + inner[1:] for outer in SYNC_PREFIXES for inner in SYNC_PREFIXES)
 CORE_HEALTH_PATH = "/health"
 # How long a request may wait while the sync core restarts before it gets 503.
 GATE_WAIT_SECONDS = 120.0
@@ -127,7 +129,9 @@ class ProxyApp:
         client_idle_timeout: float = 120.0,
         metrics: Metrics | None = None,
         login_throttle: LoginThrottle | None = None,
+        path_prefix: str = "/",
     ) -> None:
+        self.path_prefix = path_prefix
         self.upstream = upstream
         self.legacy_logins = legacy_logins
         self.login_throttle = login_throttle
@@ -178,12 +182,15 @@ class ProxyApp:
             healthy, detail = self.health()
             await exchange.respond(200 if healthy else 503, detail + "\n")
             return
-        if not (path.startswith(SYNC_PREFIXES) or path == CORE_HEALTH_PATH):
+        path = self._strip_prefix(exchange)
+        if (path is None or path.startswith(DOUBLED_PREFIXES)
+                or not (path.startswith(SYNC_PREFIXES) or path == CORE_HEALTH_PATH)):
+            shown = exchange.scope["path"] if path is None else path
+            base = f"{self.scheme}://{exchange.host()}{self.path_prefix}"
             await exchange.respond(
                 404,
-                f"Not found: {path}\nThis is an Anki sync server. Set the client's sync server "
-                f"to the base URL {self.scheme}://{exchange.host()}/ (the client adds /sync/ "
-                f"and /msync/ itself).\n",
+                f"Not found: {shown}\nThis is an Anki sync server. Set the client's sync server "
+                f"to the base URL {base} (the client adds /sync/ and /msync/ itself).\n",
             )
             return
 
@@ -293,6 +300,20 @@ class ProxyApp:
 
         exchange.on_upstream_status = count_outcome
         return True
+
+    def _strip_prefix(self, exchange: Exchange) -> str | None:
+        """Remove path_prefix from the request's path; return None if the path lacks it."""
+        path = exchange.scope["path"]
+        if self.path_prefix == "/":
+            return path
+        if not path.startswith(self.path_prefix):
+            return None
+        scope = exchange.scope
+        scope["path"] = path[len(self.path_prefix) - 1:]
+        raw_prefix = self.path_prefix.encode("latin-1")
+        if scope["raw_path"].startswith(raw_prefix):
+            scope["raw_path"] = scope["raw_path"][len(raw_prefix) - 1:]
+        return scope["path"]
 
     async def _answer_failed_send(self, exchange: Exchange, error: Exception) -> None:
         """Answer a request whose exchange with the upstream failed before any response."""

@@ -254,6 +254,7 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
             health_path=settings.health_path,
+            path_prefix=settings.path_prefix,
             scheme=scheme,
             health=health,
             client_idle_timeout=settings.client_idle_timeout,

@@ -139,6 +139,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_grace", "float", 300.0, "seconds requests in flight get to finish when "
            "syncproxy is stopped", minimum=0, maximum=86400),
     Option("health_path", "str", "/_syncproxy/health", "path of syncproxy's own health check"),
+    Option("path_prefix", "str", "/", "path under which clients reach the sync server, for a "
+           "sync URL such as https://host/anki/ (the prefix is removed before forwarding)"),
     Option("metrics_host", "str", "127.0.0.1", "address of the Prometheus metrics listener; "
            "keep it on loopback or a private network"),
     Option("metrics_port", "int", 0, "TCP port of the Prometheus metrics listener (plain "
@@ -470,6 +472,9 @@ def validate(settings: Any) -> None:
         raise SettingsError("--cert and --key must be given together (or neither, to use a "
                             "generated certificate)")
     _validate_acme(settings)
+    if not (settings.path_prefix.startswith("/") and settings.path_prefix.endswith("/")):
+        raise SettingsError(f"path_prefix {settings.path_prefix!r} must start and end with /, "
+                            f"e.g. /anki/")
     if not settings.health_path.startswith("/"):
         raise SettingsError(f"health_path {settings.health_path!r} must start with /")
     for reserved in ("/sync", "/msync"):

@@ -91,3 +91,33 @@ def test_unknown_path_names_base_url(tmp_path: Path) -> None:
         response = httpx.get(server.endpoint + "anki/", verify=False)
     assert response.status_code == 404
     assert f"https://127.0.0.1:{server.port}/" in response.text
+
+
+def test_sync_under_path_prefix(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "dora", "dora-password")
+    with SyncProxy(data_dir, "--path-prefix", "/anki/") as server:
+        trust = server.ca_file()
+        base = server.endpoint + "anki/"
+        client = AnkiClient(tmp_path / "dora", base, trust)
+        client.build(30, 2)
+        client.login("dora", "dora-password")
+        assert client.sync("--upload")["required"] == "FULL_UPLOAD"
+
+        second = AnkiClient(tmp_path / "dora-2", base, trust)
+        second.login("dora", "dora-password")
+        second.sync("--download")
+        assert second.dump() == client.dump()
+
+        # Without the prefix the client gets a 404 that names the right base URL.
+        response = httpx.post(server.endpoint + "sync/hostKey", verify=False)
+        assert response.status_code == 404
+        assert base in response.text
+
+
+def test_sync_url_ending_in_sync_gets_hint(tmp_path: Path) -> None:
+    with SyncProxy(tmp_path / "data") as server:
+        for path in ("sync/sync/hostKey", "sync/msync/begin"):
+            response = httpx.post(server.endpoint + path, verify=False)
+            assert response.status_code == 404
+            assert f"base URL {server.endpoint} " in response.text
