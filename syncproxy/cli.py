@@ -201,8 +201,13 @@ def read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            repeated = getpass.getpass("Repeat password: ")
+        except EOFError:
+            raise CommandError("no terminal to ask for the password (with docker exec, add -it); "
+                               "or pass it on standard input with --password-stdin") from None
+        if repeated != password:
             raise CommandError("the two passwords differ; nothing was changed")
     if not password:
         raise CommandError("the password is empty; nothing was changed")

@@ -76,16 +76,14 @@ assert len(TOO_MANY_CONNECTIONS.split(b"\r\n\r\n", 1)[1]) == 64
 # Rejections are logged at most this often, with the count since the last line.
 REJECTION_LOG_INTERVAL = 10.0
 
+_PLAIN_HTTP_BODY = b"This port speaks HTTPS. Use an https:// URL for this server, not http://.\n"
 PLAIN_HTTP_ON_TLS_PORT = (
     b"HTTP/1.1 400 Bad Request\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\n"
-    b"Content-Length: 77\r\n"
-    b"\r\n"
-    b"This port speaks HTTPS. Use an https:// URL for this server, not http://.\r\n\r\n"
+    b"Content-Length: " + str(len(_PLAIN_HTTP_BODY)).encode() + b"\r\n"
+    b"\r\n" + _PLAIN_HTTP_BODY
 )
-assert PLAIN_HTTP_ON_TLS_PORT.endswith(b"\r\n" * 2) and len(
-    PLAIN_HTTP_ON_TLS_PORT.split(b"\r\n\r\n", 1)[1]) == 77
 
 
 def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024,

@@ -313,6 +313,10 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
             await app.aclose()
         if isinstance(upstream, BundledCore):
             await upstream.stop()
+        if listener is not None:
+            # A stale record would point `syncproxy health` at whatever listens there next.
+            with contextlib.suppress(OSError):
+                data_dir.listening_file.unlink()
     log.info("stopped")
     return 0
 

@@ -134,7 +134,7 @@ def test_domain_gets_certificate_and_renews_live(pebble, tmp_path):
 
 def test_existing_certificate_served_at_restart(pebble, tmp_path):
     data_dir = tmp_path / "data"
-    add_user(data_dir, "alice", "pw")
+    add_user(data_dir, "alice", "acme-test-password")
     with SyncProxy(data_dir, *acme_args(pebble)) as server:
         issued = wait_for_issuer(server.port, "Pebble", ACME_WAIT, server)
     # The second start must serve the kept certificate at once, not the generated one.
@@ -150,7 +150,7 @@ def test_existing_certificate_served_at_restart(pebble, tmp_path):
 def test_plain_http_redirects_to_https(pebble, tmp_path):
     import httpx
     data_dir = tmp_path / "data"
-    add_user(data_dir, "alice", "pw")
+    add_user(data_dir, "alice", "acme-test-password")
     with SyncProxy(data_dir, *acme_args(pebble)) as server:
         response = httpx.get(f"http://127.0.0.1:{pebble.http_port}/sync/meta?a=1",
                              follow_redirects=False, trust_env=False)

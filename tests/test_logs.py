@@ -6,6 +6,8 @@ import pytest
 
 from support import LOG_FILES, SECRETS
 
+MIN_SEARCHABLE = 8
+
 
 @pytest.mark.runs_last
 def test_no_secrets_in_logs() -> None:
@@ -17,7 +19,9 @@ def test_no_secrets_in_logs() -> None:
     for path in logs:
         text = path.read_text(errors="replace")
         for secret in SECRETS:
-            if secret and secret in text:
+            # A secret this short turns up in random text (the core's session ids), so finding
+            # it proves nothing; the tests use longer passwords for that reason.
+            if len(secret) >= MIN_SEARCHABLE and secret in text:
                 leaks.append(f"{path}: a secret of {len(secret)} characters, "
                              f"starting {secret[:3]!r}")
     assert leaks == []
