@@ -80,7 +80,8 @@ OPTIONS: tuple[Option, ...] = (
            "syncproxy.toml"),
     Option("collections_dir", "path", None, "folder for the sync core's collections and media "
            "(its SYNC_BASE); default: collections/ in the data directory"),
-    Option("host", "str", "0.0.0.0", "address the front end listens on"),
+    Option("host", "str", "0.0.0.0", "address the front end listens on; 0.0.0.0 is every IPv4 "
+           "address, :: every IPv4 and IPv6 address"),
     Option("port", "int", 8443, "TCP port the front end listens on", minimum=0, maximum=65535),
     Option("upstream", "str", "", "URL of an existing sync server to forward to instead of "
            "running the bundled sync core, e.g. http://127.0.0.1:8080"),
