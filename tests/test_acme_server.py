@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from acme_support import free_port, pebble_available, run_pebble
+from relay import ThrottledRelay
 from support import AnkiClient, SyncProxy, add_user, syncproxy
 from syncproxy.acme import AcmeOptions, Certbot
 from tls_support import client_context, handshake
@@ -79,13 +80,15 @@ def test_domain_gets_certificate_and_renews_live(pebble, tmp_path):
         assert "next check" in status
 
         # A sync that is in flight while the certificate is renewed completes.
-        client = AnkiClient(tmp_path / "client", f"https://localhost:{server.port}/", roots)
+        # The client's uploads go through a relay at 1 MB/s, so its 15 MB of media keep the
+        # sync in flight for about 15 s however fast the machine is; a renewal takes about 4 s.
+        relay = ThrottledRelay(server.port, 1_000_000)
+        client = AnkiClient(tmp_path / "client", f"https://localhost:{relay.port}/", roots)
         client.build(notes=3000)
-        # About 45 MB of media, so the sync outlasts a renewal (about 4 s here). The client's
-        # media scan picks up files placed in its media folder.
+        # The client's media scan picks up files placed in its media folder.
         media_dir = client.collection.with_suffix(".media")
         media_dir.mkdir(exist_ok=True)
-        for index in range(300):
+        for index in range(100):
             (media_dir / f"noise-{index}.bin").write_bytes(os.urandom(150_000))
         client.login("alice", "correct horse")
         outcome: dict = {}
@@ -113,6 +116,7 @@ def test_domain_gets_certificate_and_renews_live(pebble, tmp_path):
         assert renewal.ok, renewal.output
         new_serial, switched_at = wait_for_new_serial(server.port, first.serial_number, 5.0)
         sync_thread.join(300)
+        relay.close()
 
         assert "error" not in outcome, outcome.get("error")
         assert outcome["result"]["notes"] == 3000
