@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .proxy import serve_lifespan
+
 log = logging.getLogger("syncproxy.acme")
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -53,7 +55,7 @@ class ChallengeApp:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -119,13 +121,3 @@ async def _respond(send, status: int, body: bytes, headers=(), *, content_length
                     (b"cache-control", b"no-store"), *headers],
     })
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive, send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

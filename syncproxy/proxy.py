@@ -90,6 +90,17 @@ class ClientStalled(Exception):
     """The client sent no request body bytes for the client idle timeout."""
 
 
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI server's lifespan events; syncproxy's apps need no setup."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def header_value(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key.lower() == name:
@@ -152,7 +163,7 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -164,15 +175,6 @@ class ProxyApp:
             exchange.log()
             if self.metrics is not None:
                 exchange.record(self.metrics, self.health_path)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _handle(self, exchange: Exchange) -> None:
         path = exchange.scope["path"]
