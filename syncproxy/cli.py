@@ -48,7 +48,7 @@ log = logging.getLogger("syncproxy")
 
 
 class CommandError(Exception):
-    """A command failed in a way the user can fix; the message says how."""
+    """A command failed in a way the user can fix; the message explains how."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,12 +6,12 @@ plaintext passwords never exist outside the login request itself.
 
 Facts about the core that shape this module (anki 26.9):
 - SIGINT stops it gracefully; SIGTERM and SIGHUP kill it at once. After SIGINT the Python wrapper
-  still exits non-zero, so the exit status says nothing about a clean stop.
+  still exits non-zero, so the exit status does not show whether the stop was clean.
 - It exits at once with no users, and a second core on the same SYNC_BASE fails with "Locked".
-- `GET /health` answers 200 once it accepts requests.
+- `GET /health` returns 200 once it accepts requests.
 - A panic while it holds its single lock (a malformed password hash at login is one cause)
   poisons that lock: from then on every /sync and /msync request drops its connection while
-  `/health` still answers 200. The probe below detects that state and restarts the core.
+  `/health` still returns 200. The probe below detects that state and restarts the core.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ STABLE_AFTER = 60.0
 PROBE_PATH = "/sync/meta"
 PROBE_HOST_KEY = "syncproxy-probe"  # not hex, so never a real host key
 # Sent as the probe's client address, which no real client has, so that the core's log lines
-# about probes can be told apart and logged at debug level only.
+# about probes can be recognized and logged at debug level only.
 PROBE_CLIENT_ADDRESS = "0.0.0.0"
 PROBE_TIMEOUT = 30.0  # a full upload holds the lock this long at most on slow disks (estimate)
 # A dropped probe is retried once after this pause before the core is called wedged.
@@ -139,7 +139,7 @@ class SyncCore:
         return self.ready
 
     async def start(self, users: Sequence[User]) -> None:
-        """Start the core with these users and wait until it answers /health."""
+        """Start the core with these users and wait until /health returns 200."""
         self._users = tuple(users)
         self._stopping = False
         await self._spawn()
@@ -202,7 +202,7 @@ class SyncCore:
                         log.info("sync core ready pid=%d port=%d", process.pid, self.port)
                         return
                 await asyncio.sleep(0.1)
-        raise CoreError(f"sync core did not answer /health within {READY_TIMEOUT:g} s")
+        raise CoreError(f"sync core did not respond on /health within {READY_TIMEOUT:g} s")
 
     async def _watch(self) -> None:
         """Restart the core with exponential backoff whenever it exits unexpectedly."""
@@ -273,7 +273,7 @@ class SyncCore:
         self._suspect.set()
 
     async def _probe_loop(self) -> None:
-        """Restart a core that drops every sync request while /health still answers 200."""
+        """Restart a core that drops every sync request while /health still returns 200."""
         interval = self.probe_interval if self.probe_interval > 0 else None
         async with httpx.AsyncClient(trust_env=False, timeout=PROBE_TIMEOUT) as client:
             while not self._stopping:
@@ -289,7 +289,7 @@ class SyncCore:
                 if process is not self._process or await self._probe(client) != "dropped":
                     continue
                 self.wedge_restarts += 1
-                log.error("sync core stopped serving syncs while /health answers, restarting it "
+                log.error("sync core stopped serving syncs while /health responds, restarting it "
                           "pid=%d", process.pid)
                 self._ready.clear()
                 # The watcher notices the exit and starts a new core.
@@ -299,7 +299,7 @@ class SyncCore:
         """Send one request that takes the core's lock: 'ok', 'dropped' or 'inconclusive'."""
         headers = {
             "anki-sync": f'{{"v":11,"k":"{PROBE_HOST_KEY}","c":"syncproxy-probe","s":""}}',
-            # The core reads the client address from this header (SYNC_IP_HEADER) and answers
+            # The core reads the client address from this header (SYNC_IP_HEADER) and returns
             # 500 without it.
             "x-forwarded-for": PROBE_CLIENT_ADDRESS,
         }

@@ -19,7 +19,7 @@ now drops the body chunks still queued and accepts no more.
 
 The same protocol class adds two things hypercorn lacks: a deadline for the request head once
 its first byte has arrived (hypercorn bounds only the idle time before it), and error responses
-whose body says what was wrong (hypercorn sends them empty).
+whose body states what was wrong (hypercorn sends them empty).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ them itself so it can decide first, from the bytes the client sent. `_classify` 
 that decides, in this order:
 - a PROXY protocol header is read and consumed, but only from a peer in `proxy_protocol_from`.
   Its client address then replaces the peer's in logs and X-Forwarded-For;
-- plain HTTP sent to the TLS port gets a readable 400 that says to use https; anything else that
+- plain HTTP sent to the TLS port gets a readable 400 telling it to use https; anything else that
   does not start with a TLS handshake record (0x16) is closed;
 - when routes are configured, the whole ClientHello is peeked and its server name picks the
   route; a malformed, oversized or slow ClientHello closes only that connection;
@@ -240,7 +240,7 @@ class Listener:
                 watchdog.cancel()
 
     def _reject_connection(self, sock: socket.socket) -> None:
-        """Close a connection over the limit; a plain-HTTP listener says why first."""
+        """Close a connection over the limit; a plain-HTTP listener sends the reason first."""
         if self.ssl_context is None:
             with contextlib.suppress(OSError):
                 sock.send(TOO_MANY_CONNECTIONS)

@@ -1,8 +1,8 @@
 """The ASGI app that forwards sync requests to the upstream, streaming both ways.
 
-Bodies are never held in memory: the request body goes to the upstream as it arrives from the
-client, and the response body goes back as it arrives from the upstream, byte for byte
-(`aiter_raw`, so the zstd bodies of the sync protocol are never decoded). Only idle time is
+Large bodies are never held in memory. The request body goes to the upstream as it arrives
+from the client, and the response body goes back as it arrives from the upstream, byte for byte.
+`aiter_raw` relays it, so the zstd bodies of the sync protocol are never decoded. Only idle time is
 limited (no bytes moving), never a whole request, because a full upload on slow hardware can
 legitimately take minutes.
 """
@@ -38,26 +38,26 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SYNC_PREFIXES = ("/sync/", "/msync/")
-# What a client sends when its sync URL already ends in /sync/ or /msync/.
+# Path starts a client sends when its sync URL already ends in /sync/ or /msync/.
 DOUBLED_PREFIXES = tuple(outer + inner[1:] for outer in SYNC_PREFIXES for inner in SYNC_PREFIXES)
 CORE_HEALTH_PATH = "/health"
 # How long a request may wait while the sync core restarts before it gets 503.
 GATE_WAIT_SECONDS = 120.0
 # Request bodies up to this size are read whole and sent with Content-Length; larger ones stream
-# chunked. The sync core (anki 26.9) can answer a chunked request and close the connection
-# without reading the final zero-length chunk; the kernel then resets the connection, which can
+# chunked. The sync core (anki 26.9) can respond to a chunked request and close the connection
+# without reading the final zero-length chunk. The kernel then resets the connection, which can
 # destroy the end of the response in flight. Small bodies (most sync requests) avoid that race.
 SMALL_BODY_BYTES = 256 * 1024
 
 # After an early 413 the rest of the body is read and discarded, so that a client still writing
-# it does not meet a reset before it reads the answer. These bound that work for each request.
+# it does not meet a reset before it reads the response. These bound that work per request.
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 DRAIN_MAX_SECONDS = 30.0
 DRAIN_IDLE_SECONDS = 5.0
 
 
 class Upstream(Protocol):
-    """Where requests go: the bundled sync core, or an existing sync server."""
+    """The destination of forwarded requests: the bundled sync core or an existing server."""
 
     @property
     def url(self) -> str: ...
@@ -529,9 +529,9 @@ class Exchange:
                       extra_headers: list[tuple[bytes, bytes]] = ()) -> int:
         """Send a whole text response, then drain any unread request body; return its size.
 
-        The answer goes out at once, but the response ends only after the drain: ending it
-        while the client is still sending makes the front end close the connection, and the
-        client would meet a reset instead of reading the answer.
+        The status and body go out at once, but the response ends only after the drain.
+        Ending it while the client is still sending makes the front end close the connection,
+        and the client would then meet a reset instead of reading the response.
         """
         body = text.encode("utf-8")
         headers = [

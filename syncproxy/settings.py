@@ -39,7 +39,7 @@ CONFIG_FILE_NAME = "syncproxy.toml"
 
 
 class SettingsError(ValueError):
-    """A setting that cannot be used, with a message that names it and says how to fix it."""
+    """A setting that cannot be used, with a message that names it and explains the fix."""
 
 
 def default_data_dir() -> Path:

@@ -1,6 +1,6 @@
 """Login throttling: failed logins slow down, then refuse, further logins for a while.
 
-A login is `POST /sync/hostKey`; the sync core answers 403 to a wrong user name or password.
+A login is `POST /sync/hostKey`; the sync core returns 403 for a wrong user name or password.
 Failures are counted per client address and per user name over the last `block_seconds`:
 - from the DELAY_AFTER-th failure on, each further 403 is held back before it is sent, for
   DELAY_FIRST seconds, doubling up to DELAY_MAX, so guessing in sequence gets slow;
@@ -98,7 +98,7 @@ class BoundedTable:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a login is refused and for how many more seconds."""
+    """The reason a login is refused and the seconds left until it is allowed again."""
 
     scope: str  # "client" or "user"
     retry_after: int

@@ -126,4 +126,4 @@ def test_wedged_core_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             await core.stop()
 
     asyncio.run(scenario())
-    assert "sync core stopped serving syncs while /health answers" in caplog.text
+    assert "sync core stopped serving syncs while /health responds" in caplog.text
