@@ -36,6 +36,7 @@ from typing import Any
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.utils import wrap_app
 
 from . import http1only
@@ -99,6 +100,19 @@ def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024,
     config.errorlog = logging.getLogger("syncproxy.hypercorn")
     config.graceful_timeout = 5.0
     return config
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's connection handler, quiet when a client leaves before its response."""
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData) and self.writer.transport.is_closing():
+            # asyncio's TLS transport raises AttributeError, not an OSError, when written to
+            # after the connection is lost; hypercorn catches only the latter, and every client
+            # that left with a request in flight became an error with a traceback in the log.
+            await self.protocol.handle(Closed())
+            return
+        await super().protocol_send(event)
 
 
 class Listener:
@@ -233,7 +247,7 @@ class Listener:
         if self.write_idle_timeout is not None:
             watchdog = asyncio.create_task(self._abort_stalled_reader(writer.transport))
         try:
-            await TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
+            await _TCPServer(self.app, asyncio.get_running_loop(), self.config, self.context,
                             self.state, reader, writer)
         finally:
             if watchdog is not None:

@@ -85,6 +85,18 @@ def test_client_that_stops_reading_is_cut_off(server: SyncProxy) -> None:
     assert httpx.get(server.endpoint + "_syncproxy/health", verify=False).status_code == 200
 
 
+def test_client_gone_before_its_response_leaves_no_error(server: SyncProxy) -> None:
+    """Clients that leave with a request in flight (a closed app, a lost network) are normal."""
+    for _ in range(5):
+        with rawhttp.connect(server.port, tls=True) as sock:
+            sock.sendall(b"POST /sync/trickle HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: 2\r\n\r\n{}")
+    time.sleep(1 + TRICKLE_BYTES + 1)  # the upstream's answer arrives and finishes meanwhile
+
+    assert "Traceback" not in server.log()
+    assert "ERROR" not in server.log()
+
+
 def test_upstream_connect_timeout_gets_502(tmp_path: Path) -> None:
     # A listener that never accepts, with its one-slot queue filled: further connection
     # attempts get no answer at all, which is what an unreachable host looks like.
