@@ -132,7 +132,8 @@ class Http1OnlyProtocol(H11Protocol):
                                 reason=phrase)
         await super()._send_h11_event(event)
 
-    _head_deadline: asyncio.Task | None = None
+    _head_deadline: asyncio.TimerHandle | None = None
+    _head_expiry: asyncio.Task | None = None  # kept so that the task is not collected
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -151,17 +152,21 @@ class Http1OnlyProtocol(H11Protocol):
         waiting_for_head = (self.stream is None and isinstance(self.connection, h11.Connection)
                             and self.connection.their_state is h11.IDLE)
         if timeout and event.data and waiting_for_head and self._head_deadline is None:
-            self._head_deadline = asyncio.create_task(self._expire_head(timeout))
+            # A timer, not a task: most heads arrive in time, and a task per request cost more
+            # than the rest of the deadline's bookkeeping together.
+            self._head_deadline = asyncio.get_running_loop().call_later(
+                timeout, self._head_deadline_passed)
 
     def _cancel_head_deadline(self) -> None:
         if self._head_deadline is not None:
-            if self._head_deadline is not asyncio.current_task():
-                self._head_deadline.cancel()
+            self._head_deadline.cancel()
             self._head_deadline = None
 
-    async def _expire_head(self, timeout: float) -> None:
-        await asyncio.sleep(timeout)
+    def _head_deadline_passed(self) -> None:
         self._head_deadline = None
+        self._head_expiry = asyncio.create_task(self._expire_head())
+
+    async def _expire_head(self) -> None:
         if self.stream is None and self.connection.our_state is h11.IDLE:
             with contextlib.suppress(h11.LocalProtocolError):
                 await self._send_error_response(408)
