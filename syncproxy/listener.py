@@ -107,9 +107,9 @@ class _TCPServer(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData) and self.writer.transport.is_closing():
-            # asyncio's TLS transport raises AttributeError, not an OSError, when written to
-            # after the connection is lost; hypercorn catches only the latter, and every client
-            # that left with a request in flight became an error with a traceback in the log.
+            # asyncio's TLS transport raises AttributeError, not ConnectionError, when written to
+            # after the connection is lost. hypercorn catches only ConnectionError and RuntimeError,
+            # so every client that left with a request in flight logged an error with a traceback.
             await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)

@@ -91,7 +91,7 @@ def test_client_gone_before_its_response_leaves_no_error(server: SyncProxy) -> N
         with rawhttp.connect(server.port, tls=True) as sock:
             sock.sendall(b"POST /sync/trickle HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Length: 2\r\n\r\n{}")
-    time.sleep(1 + TRICKLE_BYTES + 1)  # the upstream's answer arrives and finishes meanwhile
+    time.sleep(1 + TRICKLE_BYTES + 1)  # the upstream's response arrives and ends meanwhile
 
     assert "Traceback" not in server.log()
     assert "ERROR" not in server.log()
