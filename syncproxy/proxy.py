@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from .httpsemantics import (
 )
 from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 from .metrics import Metrics
-from .upstream_client import UpstreamClients
+from .upstream_client import UpstreamTransports
 from .throttle import LoginThrottle
 
 log = logging.getLogger("syncproxy.proxy")
@@ -80,6 +81,18 @@ class LegacyLogins(Protocol):
     def has_pending_users(self) -> bool: ...
 
     async def upgrade_legacy_login(self, name: str, password: str) -> bool | None: ...
+
+
+if sys.version_info >= (3, 11):
+    async def receive_within(receive: Receive, seconds: float) -> dict[str, Any]:
+        """Await the next ASGI message; raise asyncio.TimeoutError after `seconds`."""
+        # asyncio.timeout sets one timer; wait_for would also create a task per message.
+        async with asyncio.timeout(seconds):
+            return await receive()
+else:
+    async def receive_within(receive: Receive, seconds: float) -> dict[str, Any]:
+        """Await the next ASGI message; raise asyncio.TimeoutError after `seconds`."""
+        return await asyncio.wait_for(receive(), seconds)
 
 
 class BodyTooLarge(Exception):
@@ -152,14 +165,15 @@ class ProxyApp:
         self.health_path = health_path
         self.scheme = scheme
         self.health = health
-        self.clients = UpstreamClients(connect_timeout, idle_timeout)
+        self.transports = UpstreamTransports(connect_timeout, idle_timeout,
+                                             tls=upstream.url.startswith("https://"))
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.client_idle_timeout = client_idle_timeout
         self.metrics = metrics
 
     async def aclose(self) -> None:
-        await self.clients.aclose()
+        await self.transports.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -376,11 +390,12 @@ class ProxyApp:
         ]
         # Built directly, not with client.build_request: that would add httpx's own Accept,
         # Accept-Encoding and User-Agent headers to what the client sent.
-        request = httpx.Request(scope["method"], target, headers=headers, content=content)
+        request = httpx.Request(scope["method"], target, headers=headers, content=content,
+                                extensions={"timeout": self.transports.timeouts})
 
-        async with self.clients.borrow() as client:
+        async with self.transports.borrow() as transport:
             try:
-                response = await client.send(request, stream=True)
+                response = await transport.handle_async_request(request)
             except (BodyTooLarge, ClientStalled, httpx.TransportError) as error:
                 await self._answer_failed_send(exchange, error)
                 return
@@ -388,12 +403,7 @@ class ProxyApp:
             try:
                 if exchange.on_upstream_status is not None:
                     await exchange.on_upstream_status(response.status_code)
-                await exchange.start_response(
-                    response.status_code, end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
-                )
-                async for chunk in response.aiter_raw():
-                    await exchange.send_body(chunk)
-                await exchange.end_response()
+                await relay_response(exchange, response)
             except httpx.TransportError as error:
                 # The status line has gone out, so the only signal left is to end the response
                 # short: returning without its last chunk makes the front end close the connection.
@@ -402,6 +412,48 @@ class ProxyApp:
                             type(error).__name__)
             finally:
                 await response.aclose()
+
+
+async def relay_response(exchange: Exchange, response: httpx.Response) -> None:
+    """Send the upstream's response to the client, its body one chunk behind the upstream.
+
+    Holding one chunk back shows whether the body has ended when the first chunk arrives, as
+    it has for almost every sync response. Such a body goes out with Content-Length, in one
+    write with the head. Relayed chunked, the final zero-length chunk went out in a TLS record
+    of its own after the data. The Anki client had by then stopped reading, so it closed the
+    connection and made a new one, with a new TLS handshake, for its next request.
+    """
+    headers = end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
+    held: bytes | None = None
+    started = False
+    async for chunk in response.aiter_raw():
+        if not chunk:
+            continue
+        if held is None:
+            held = chunk
+            continue
+        if not started:
+            await exchange.start_response(response.status_code, headers)
+            started = True
+        await exchange.send_body(held)
+        held = chunk
+    if started:
+        if held is not None:
+            await exchange.send_body(held)
+        await exchange.end_response()
+        return
+    body = held or b""
+    if (response.headers.get("content-length") is None and has_body(exchange, response)):
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+    await exchange.start_response(response.status_code, headers)
+    await exchange.send_last_body(body)
+
+
+def has_body(exchange: Exchange, response: httpx.Response) -> bool:
+    """Return True if the response's framing includes a body (RFC 9112, section 6.3)."""
+    status = response.status_code
+    return not (exchange.scope["method"] == "HEAD" or status < 200 or status in (204, 304))
 
 
 class Exchange:
@@ -440,7 +492,7 @@ class Exchange:
 
     async def _receive_within_idle_timeout(self) -> dict[str, Any]:
         try:
-            message = await asyncio.wait_for(self._receive(), self.idle_timeout)
+            message = await receive_within(self._receive, self.idle_timeout)
         except asyncio.TimeoutError:
             self.stalled = True
             raise ClientStalled from None
@@ -521,6 +573,10 @@ class Exchange:
     async def send_body(self, chunk: bytes) -> None:
         self.bytes_out += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def send_last_body(self, chunk: bytes) -> None:
+        self.bytes_out += len(chunk)
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": False})
 
     async def end_response(self) -> None:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
