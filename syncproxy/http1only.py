@@ -130,7 +130,28 @@ class Http1OnlyProtocol(H11Protocol):
                 phrase = b""
             event = type(event)(status_code=event.status_code, headers=event.headers,
                                 reason=phrase)
+        if isinstance(event, h11.Response):
+            # The head is held back and sent with the first piece of the body (or the end of
+            # the message): one TLS record and one system call per small response, not two.
+            try:
+                self._held_head = self.connection.send(event)
+            except h11.LocalProtocolError:
+                if self.connection.their_state != h11.ERROR:
+                    raise
+            return
+        if self._held_head is not None:
+            head, self._held_head = self._held_head, None
+            try:
+                data = self.connection.send(event) or b""  # ConnectionClosed gives None
+            except h11.LocalProtocolError:
+                if self.connection.their_state != h11.ERROR:
+                    raise
+                data = b""
+            await self.send(RawData(data=head + data))
+            return
         await super()._send_h11_event(event)
+
+    _held_head: bytes | None = None
 
     _head_deadline: asyncio.TimerHandle | None = None
     _head_expiry: asyncio.Task | None = None  # kept so that the task is not collected

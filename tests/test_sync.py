@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relay import ThrottledRelay
 from support import AnkiClient, SyncProxy, add_user, clean_environment, free_port
 
 NOTES = 2000
@@ -76,6 +77,25 @@ def test_sync_through_upstream(tmp_path: Path) -> None:
     finally:
         core.send_signal(signal.SIGINT)
         core.wait(30)
+
+
+def test_incremental_sync_keeps_its_connection(tmp_path: Path) -> None:
+    """The client reuses one connection for a whole sync when responses end cleanly."""
+    add_user(tmp_path / "data", "erin", "erin-password")
+    with SyncProxy(tmp_path / "data") as proxy:
+        relay = ThrottledRelay(proxy.port, rate=10**12)  # counts connections, no throttling
+        client = AnkiClient(tmp_path / "erin", f"https://localhost:{relay.port}/",
+                            proxy.ca_file())
+        client.build(50)
+        client.login("erin", "erin-password")
+        client.sync("--upload", "--no-media")
+        client.edit(5, "one-connection")
+        before = relay.connections
+        client.sync("--no-media")  # raises if the sync fails
+
+    # About seven requests (meta, start, applyChanges, chunk, applyChunk, sanityCheck2, finish).
+    # A client that closed after each response would open about seven connections.
+    assert relay.connections - before == 1
 
 
 def test_no_users_is_not_fatal(tmp_path: Path) -> None:
