@@ -274,6 +274,7 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
                             max_connections=settings.max_connections,
                             write_idle_timeout=settings.client_idle_timeout,
                             metrics=metrics)
+        await app.transports.load_on_first_use_modules()
         listener.open()
         listener.start()
         log.info("listening url=%s://%s:%d/ http=1.1-only", scheme, settings.host,

@@ -18,6 +18,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 
+import anyio
 import httpcore
 import httpx
 
@@ -66,6 +67,15 @@ class UpstreamTransports:
             yield self._transports[index]
         finally:
             self._in_flight[index] -= 1
+
+    async def load_on_first_use_modules(self) -> None:
+        """Import what httpcore would otherwise import during the first request.
+
+        httpcore's locks and events come from anyio, which imports its asyncio backend when the
+        first one is made. That took 40 ms of the first request after every start (a login,
+        usually), so it is done before the front end listens.
+        """
+        anyio.Event()
 
     async def aclose(self) -> None:
         for transport in self._transports:
