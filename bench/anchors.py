@@ -4,9 +4,9 @@ Everything runs side by side in one run on this machine, on loopback, so the rat
 with like. Part `anchors` measures:
 
 1. the real Anki client (login, full upload with media, incremental syncs, full download with
-   media into a fresh profile) against the core directly, nginx terminating TLS in front of the
-   core, syncproxy `--upstream` the same core, and syncproxy with its bundled core, with fresh
-   server state and a rotated path order in every repeat;
+   media into a fresh profile) through four paths: the core directly, nginx terminating TLS in
+   front of the core, syncproxy `--upstream` the same core, and syncproxy with its bundled core.
+   Every repeat has fresh server state and a rotated path order;
 2. small requests with wrk (a GET of the core's /health and a POST of the sync protocol's
    `meta` request, 1 and 32 connections) against the core, nginx, syncproxy and bare hypercorn;
 3. 100 MB uploads and downloads through nginx and syncproxy to a bulk upstream;

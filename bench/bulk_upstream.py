@@ -1,8 +1,8 @@
-"""A plain-HTTP upstream for bulk transfers, standing in for the sync core, which limits bodies.
+"""A plain-HTTP upstream for bulk transfers, in place of the sync core, which limits bodies.
 
-Every request body is read and dropped (Content-Length or chunked), then answered with 200 and
-`ok`. A GET whose query has `bytes=N` is answered with N bytes instead, sent with a
-Content-Length in 1 MiB writes. Keep-alive connections are served until the client closes.
+It reads and drops every request body (Content-Length or chunked), then responds 200 with `ok`.
+To a GET whose query has `bytes=N` it responds with N bytes instead, sent with a Content-Length
+in 1 MiB writes. Keep-alive connections are served until the client closes.
 
     python bench/bulk_upstream.py --port 8081
 """
@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 BLOCK = os.urandom(1024 * 1024)
 READ_SIZE = 256 * 1024
-STREAM_LIMIT = 1024 * 1024  # the longest request head; also the read buffer size
+STREAM_LIMIT = 1024 * 1024  # maximum request head size in bytes, and the read buffer's limit
 
 
 async def discard(reader: asyncio.StreamReader, size: int) -> None:

@@ -1,7 +1,7 @@
-"""Bare hypercorn over TLS answering every request with a constant: the ceiling for small requests.
+"""Bare hypercorn over TLS returning a constant to every request: the ceiling for small requests.
 
 It runs hypercorn the way syncproxy does (asyncio's default event loop, HTTP/1.1 only, no
-access log), reads and drops any request body, and answers 200 with a two-byte body.
+access log), reads and drops any request body, and responds 200 with a two-byte body.
 
     python bench/constant_app.py --port 8443 --certfile server.pem --keyfile server-key.pem
 """

@@ -30,7 +30,7 @@ EDITED_NOTES = 5
 
 @dataclass
 class Setup:
-    """What every measurement shares: the work directory, the certificate and the template."""
+    """Inputs shared by every measurement: the work directory, the certificate and the template."""
 
     work: Path
     tls_dir: Path    # a syncproxy TLS directory: server.pem, server-key.pem, ca.pem
@@ -148,7 +148,7 @@ WRK_REQUESTS = ("GET /health", "POST /sync/meta")
 
 
 def host_key(user: str, password: str) -> str:
-    """The sync core's host key for a user with a plain password: sha1 of `user:password`."""
+    """Return the sync core's host key for a user with a plain password: sha1 of `user:password`."""
     return hashlib.sha1(f"{user}:{password}".encode()).hexdigest()
 
 
@@ -173,22 +173,22 @@ def write_post_script(path: Path, user: str) -> None:
 
 
 def check_small_requests(url: str, trust: Path | None, user: str, expect_meta: bool) -> None:
-    """Fail unless the GET and the POST that wrk repeats get 200 (and a real meta answer)."""
+    """Raise unless the GET and the POST that wrk repeats return 200 (and real sync metadata)."""
     verify = str(trust) if trust else False
     with httpx.Client(verify=verify if url.startswith("https") else False, timeout=10) as client:
         response = client.get(url + "health")
         if response.status_code != 200:
-            raise RuntimeError(f"GET {url}health answered {response.status_code}")
+            raise RuntimeError(f"GET {url}health returned status {response.status_code}")
         body, headers = meta_request(user)
         response = client.post(url + "sync/meta", content=body, headers=headers)
         if response.status_code != 200:
-            raise RuntimeError(f"POST {url}sync/meta answered {response.status_code}: "
+            raise RuntimeError(f"POST {url}sync/meta returned status {response.status_code}: "
                                f"{response.text[:200]}")
         if expect_meta:
             meta = json.loads(zstandard.ZstdDecompressor().decompress(response.content,
                                                                       max_output_size=MB))
             if "usn" not in meta:
-                raise RuntimeError(f"POST {url}sync/meta answered no sync metadata: {meta}")
+                raise RuntimeError(f"POST {url}sync/meta returned no sync metadata: {meta}")
 
 
 def run_wrk(url: str, connections: int, seconds: int, script: Path | None) -> dict:

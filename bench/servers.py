@@ -2,7 +2,7 @@
 
 The sync core (`python -m anki.syncserver`), Debian's nginx terminating TLS in front of an
 upstream, syncproxy (forwarding with `--upstream` or with its bundled core), bare hypercorn
-answering a constant (`constant_app.py`) and a bulk upstream (`bulk_upstream.py`).
+returning a constant (`constant_app.py`) and a bulk upstream (`bulk_upstream.py`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def wait_for_url(url: str, process: subprocess.Popen, what: str,
             if httpx.get(url, verify=False, timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"{what} did not answer 200 at {url} within {timeout} s")
+    raise TimeoutError(f"{what} did not return status 200 at {url} within {timeout} s")
 
 
 def stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:

@@ -94,7 +94,7 @@ def wait_for_media(col: Collection) -> None:
         # media_sync_status() raises if the background media sync failed.
         if not col.media_sync_status().active:
             return
-        # Finely, because benchmarks time syncs that include a media sync of a few milliseconds.
+        # Poll often: benchmarks time syncs whose media sync takes a few milliseconds.
         time.sleep(0.005)
     raise TimeoutError("media sync still running after %d s" % MEDIA_SYNC_TIMEOUT_SECONDS)
 
