@@ -43,7 +43,8 @@ from cores import measure_cores  # noqa: E402
 from report import cores_section, anchors_section, replace_section  # noqa: E402
 from support import AnkiClient, clean_environment  # noqa: E402
 
-QUICK = {"repeats": 1, "wrk_repeats": 1, "wrk_seconds": 2, "incremental": 3, "notes": 2000,
+QUICK = {"repeats": 1, "wrk_repeats": 1, "wrk_seconds": 2, "transfer_repeats": 1,
+         "incremental": 3, "notes": 2000,
          "media": 10, "transfer_mb": 20, "memory_mb": 100, "cores_repeats": 1}
 
 
@@ -67,6 +68,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="wrk runs per request, connection count and target (default: 3)")
     parser.add_argument("--wrk-seconds", type=int, default=5,
                         help="seconds per wrk run (default: 5)")
+    parser.add_argument("--transfer-repeats", type=int, default=5,
+                        help="uploads and downloads per path (default: 5)")
     parser.add_argument("--transfer-mb", type=int, default=100,
                         help="size of each timed upload and download in MB (default: 100)")
     parser.add_argument("--memory-mb", type=int, default=500,
@@ -87,8 +90,8 @@ def parse_arguments() -> argparse.Namespace:
     if arguments.quick:
         for name, value in QUICK.items():
             setattr(arguments, name, value)
-    for name in ("repeats", "incremental", "notes", "wrk_repeats", "wrk_seconds", "transfer_mb",
-                 "memory_mb", "cores_repeats"):
+    for name in ("repeats", "incremental", "notes", "wrk_repeats", "wrk_seconds",
+                 "transfer_repeats", "transfer_mb", "memory_mb", "cores_repeats"):
         if getattr(arguments, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, "
                          f"not {getattr(arguments, name)}")
@@ -141,7 +144,7 @@ def main() -> None:
             results["small"] = measure_small_requests(setup, arguments.wrk_repeats,
                                                       arguments.wrk_seconds)
             print("bulk transfers and memory", flush=True)
-            results["bulk"] = measure_transfers(setup, arguments.wrk_repeats,
+            results["bulk"] = measure_transfers(setup, arguments.transfer_repeats,
                                                 arguments.transfer_mb, arguments.memory_mb)
         if arguments.part in ("all", "cores"):
             print(f"--cores 1 against --cores 2 on {os.cpu_count()} CPUs", flush=True)

@@ -81,11 +81,11 @@ async def send_logins(url: str, trust: Path, users: list[str]) -> float:
     try:
         # syncproxy answers its own health path: this opens each connection, TLS included.
         await asyncio.gather(*(client.get(url + "_syncproxy/health") for client in clients))
+        requests = [login_request(user) for user in users]
         started = time.perf_counter()
         responses = await asyncio.gather(*(
-            client.post(url + "sync/hostKey", content=login_request(user)[0],
-                        headers=login_request(user)[1])
-            for client, user in zip(clients, users)))
+            client.post(url + "sync/hostKey", content=body, headers=headers)
+            for client, (body, headers) in zip(clients, requests)))
         seconds = time.perf_counter() - started
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))

@@ -336,7 +336,8 @@ def measure_transfers(setup: Setup, repeats: int, size_mb: int, memory_mb: int) 
     medians = {target: {direction: statistics.median(values)
                         for direction, values in directions.items()}
                for target, directions in rates.items()}
-    return {"rates": rates, "medians": medians, "size_mb": size_mb, "memory": memory}
+    return {"rates": rates, "medians": medians, "size_mb": size_mb, "repeats": repeats,
+            "memory": memory}
 
 
 def measure_memory(setup: Setup, base: Path, upstream_url: str, size_mb: int) -> dict:

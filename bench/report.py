@@ -113,7 +113,7 @@ def bulk_table(results: dict) -> tuple[list[str], list[bool]]:
     direct, nginx, proxy = BULK_TARGETS
     lines = [
         f"{bulk['size_mb']} MB transfers with curl (uploads chunked like the Anki client), "
-        "MB/s, median of the same number of runs as wrk's:",
+        f"MB/s, median of {bulk['repeats']} runs:",
         "",
         "| direction | upstream direct (http) | nginx | syncproxy | syncproxy / nginx | "
         f"target: syncproxy >= {MIN_BULK_SHARE:.0%} of nginx |",
