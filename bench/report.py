@@ -178,7 +178,9 @@ def anchors_section(results: dict, arguments: argparse.Namespace) -> str:
         f"and {results['clients_media']} media files of {arguments.media_size:,} bytes. Full "
         "upload and download include the media sync, and so does each incremental sync (an edit "
         f"of {results['edited_notes']} notes, then a sync, as the desktop app does). Login and "
-        "sync times are taken inside the client process. syncproxy with its bundled core is "
+        "sync times are taken inside the client process. Before the clients start, each path "
+        "forwards one untimed GET /health, so that a freshly started server's first-request "
+        "set-up is not counted as login time. syncproxy with its bundled core is "
         "shown for information: its login also checks a PBKDF2 password hash, and it is not the "
         "same sync core as the other paths.",
         "",
