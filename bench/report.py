@@ -1,6 +1,6 @@
 """Turn bench/anchors.py's results into Markdown and check them against syncproxy's targets.
 
-Targets (each row of the tables says met or not met):
+Targets (each row of the tables is marked met or not met):
 - every real-client phase through syncproxy `--upstream` takes at most 1.05 x nginx's time;
 - small requests through syncproxy reach at least 50% of bare hypercorn's rate at 32 connections;
 - 100 MB uploads and downloads through syncproxy reach at least 70% of nginx's throughput;
