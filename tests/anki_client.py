@@ -7,6 +7,7 @@ test runner. Every action prints one JSON object on stdout.
     python tests/anki_client.py build COLLECTION --notes 2000 --media 10
     python tests/anki_client.py login COLLECTION --endpoint URL --user NAME --password-stdin
     python tests/anki_client.py sync COLLECTION --endpoint URL --hkey KEY [--upload | --download]
+    python tests/anki_client.py sync COLLECTION ... --start-at EPOCH  (wait, then sync: benchmarks)
     python tests/anki_client.py edit COLLECTION --count 50 --tag edited
     python tests/anki_client.py dump COLLECTION
 """
@@ -62,12 +63,27 @@ def build(args: argparse.Namespace) -> dict:
         col.close()
 
 
+def wait_until(start_at: float | None) -> float:
+    """Sleep until the wall-clock time `start_at`, so that several clients start together.
+
+    Returns the wall-clock time at which this process was ready, before sleeping; a value after
+    `start_at` means the process started late.
+    """
+    ready = time.time()
+    if start_at is not None and start_at > ready:
+        time.sleep(start_at - ready)
+    return ready
+
+
 def login(args: argparse.Namespace) -> dict:
     password = sys.stdin.readline().rstrip("\n")
     col = Collection(args.collection)
     try:
+        ready = wait_until(args.start_at)
+        started = time.perf_counter()
         auth = col.sync_login(username=args.user, password=password, endpoint=args.endpoint)
-        return {"hkey": auth.hkey}
+        return {"hkey": auth.hkey, "seconds": time.perf_counter() - started, "ready": ready,
+                "finished": time.time()}
     finally:
         col.close()
 
@@ -78,13 +94,15 @@ def wait_for_media(col: Collection) -> None:
         # media_sync_status() raises if the background media sync failed.
         if not col.media_sync_status().active:
             return
-        time.sleep(0.1)
+        # Poll often: benchmarks time syncs whose media sync takes a few milliseconds.
+        time.sleep(0.005)
     raise TimeoutError("media sync still running after %d s" % MEDIA_SYNC_TIMEOUT_SECONDS)
 
 
 def sync(args: argparse.Namespace) -> dict:
     auth = SyncAuth(hkey=args.hkey, endpoint=args.endpoint)
     col = Collection(args.collection)
+    ready = wait_until(args.start_at)
     started = time.perf_counter()
     try:
         out = col.sync_collection(auth, sync_media=False)
@@ -111,8 +129,9 @@ def sync(args: argparse.Namespace) -> dict:
         if not args.no_media:
             col.sync_media(auth)
             wait_for_media(col)
-        return {"required": required, "notes": col.note_count(),
-                "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        return {"required": required, "notes": col.note_count(), "seconds": seconds,
+                "ready": ready, "finished": time.time()}
     finally:
         col.close()
 
@@ -166,6 +185,7 @@ def main() -> None:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--user", required=True)
     p.add_argument("--password-stdin", action="store_true", required=True)
+    p.add_argument("--start-at", type=float, help="wall-clock time (epoch seconds) to start at")
     p.set_defaults(action=login)
 
     p = commands.add_parser("sync")
@@ -175,6 +195,7 @@ def main() -> None:
     p.add_argument("--upload", action="store_true")
     p.add_argument("--download", action="store_true")
     p.add_argument("--no-media", action="store_true")
+    p.add_argument("--start-at", type=float, help="wall-clock time (epoch seconds) to start at")
     p.set_defaults(action=sync)
 
     p = commands.add_parser("edit")
