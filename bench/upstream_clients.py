@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forwarding import start_core  # noqa: E402
+from servers import Core  # noqa: E402
 
 from syncproxy.upstream_client import UpstreamTransports  # noqa: E402
 
@@ -94,9 +94,9 @@ def main() -> None:
         print("aiohttp is not installed: measuring httpx only", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="syncproxy-bench-") as temporary:
-        core, port = start_core(Path(temporary))
+        core = Core(Path(temporary) / "core", {"bench": "bench-password"})
         try:
-            url = f"http://127.0.0.1:{port}/health"
+            url = f"{core.url}health"
             results: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for _ in range(args.repeats):
                 for tasks in (1, 32):
@@ -104,8 +104,7 @@ def main() -> None:
                         results.setdefault((name, tasks), []).append(
                             asyncio.run(measure(name, url, args.requests, tasks)))
         finally:
-            core.terminate()
-            core.wait(30)
+            core.stop()
 
     print(f"{args.requests} GET /health to the sync core, median of {args.repeats} runs\n")
     print("| client | tasks | requests/s | CPU µs per request |")
