@@ -57,6 +57,9 @@ from .proxyheader import (
 from .routing import Route, RoutingTable
 from .metrics import Metrics
 
+# Bytes read from a client connection at a time (hypercorn reads 64 KiB).
+READ_BYTES = 256 * 1024
+
 log = logging.getLogger("syncproxy.listener")
 
 TLS_HANDSHAKE_RECORD = 0x16
@@ -103,7 +106,20 @@ def hypercorn_config(keep_alive_timeout: float, max_head_bytes: int = 64 * 1024,
 
 
 class _TCPServer(TCPServer):
-    """hypercorn's connection handler, quiet when a client leaves before its response."""
+    """hypercorn's connection handler, with larger reads, quiet when a client leaves early."""
+
+    async def _read_data(self) -> None:
+        # hypercorn's own loop, reading READ_BYTES instead of 64 KiB at a time: each read is
+        # parsed and passed on as one message, so an upload costs a quarter of the Python
+        # work per megabyte.
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_BYTES),
+                                              self.config.read_timeout)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+                break
+            await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData) and self.writer.transport.is_closing():
@@ -356,7 +372,7 @@ class Listener:
         reported_client: Address | None = None,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=2**16)
+        reader = asyncio.StreamReader(limit=READ_BYTES)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport, _ = await loop.connect_accepted_socket(
             lambda: protocol, sock, ssl=context,
