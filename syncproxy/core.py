@@ -7,7 +7,9 @@ plaintext passwords never exist outside the login request itself.
 Facts about the core that shape this module (anki 26.9):
 - SIGINT stops it gracefully; SIGTERM and SIGHUP kill it at once. After SIGINT the Python wrapper
   still exits non-zero, so the exit status does not show whether the stop was clean.
-- It exits at once with no users, and a second core on the same SYNC_BASE fails with "Locked".
+- It exits at once with no users. It locks each user's databases, not SYNC_BASE: cores with
+  different users share one SYNC_BASE, but a core given a user that another running core
+  serves fails to start with "Locked".
 - `GET /health` returns 200 once it accepts requests.
 - A panic while it holds its single lock (a malformed password hash at login is one cause)
   poisons that lock: from then on every /sync and /msync request drops its connection while

@@ -124,8 +124,8 @@ OPTIONS: tuple[Option, ...] = (
            "one gets 431", minimum=4, maximum=1024),
     Option("max_connections", "int", 1000, "client connections served at once; more are "
            "closed at once and counted in the metrics", minimum=1, maximum=1_000_000),
-    Option("core_port", "int", 0, "loopback port for the bundled sync core; 0 picks a free "
-           "port", minimum=0, maximum=65535),
+    Option("core_port", "int", 0, "loopback port for the bundled sync core (with several "
+           "cores, core N uses this port + N); 0 picks free ports", minimum=0, maximum=65535),
     Option("cores", "int_or_auto", 1, "number of sync core processes; each serves a fixed "
            "share of the users, so syncs of users on different cores run in parallel. 'auto' "
            "starts one per CPU this process may use", minimum=1, maximum=64),

@@ -257,3 +257,57 @@ def test_legacy_host_key_fields() -> None:
     assert legacy_form_host_key(b"--b\r\nno fields") == ""
     assert query_host_key(f"k={key}&v=ankidroid".encode()) == key
     assert query_host_key(b"v=1") == ""
+
+
+def test_user_change_restarts_only_its_core(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "alice", "alice-pw")
+    add_user(data_dir, "bob", "bob-pw")
+    with SyncProxy(data_dir, "--cores", "2") as server:
+        trust = server.ca_file()
+        alice = AnkiClient(tmp_path / "alice", server.endpoint, trust)
+        alice.build(100)
+        alice.login("alice", "alice-pw")
+        assert alice.sync("--upload")["required"] == "FULL_UPLOAD"
+
+        syncproxy("user", "passwd", "bob", "--password-stdin", "--data-dir", str(data_dir),
+                  input="bob-new-pw\n")
+        wait_for(lambda: len(re.findall(r"sync core ready pid=\d+ port=\d+ core=1",
+                                        server.log())) == 2)
+        log = server.log()
+        assert re.search(r"sync core stopped pid=\d+ core=1", log)
+        assert not re.search(r"sync core stopped pid=\d+ core=0", log)
+        assert "holding new syncs reason='users changed, core 1'" in log
+
+        alice.edit(3, "after-bob-changed")
+        assert alice.sync()["required"] in ("NORMAL_SYNC", "NO_CHANGES")
+        bob = AnkiClient(tmp_path / "bob", server.endpoint, trust)
+        bob.login("bob", "bob-new-pw")
+
+
+def test_backup_with_two_cores_restores_assignment(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "alice", "alice-pw")
+    add_user(data_dir, "bob", "bob-pw")
+    with SyncProxy(data_dir, "--cores", "2") as server:
+        trust = server.ca_file()
+        for name in ("alice", "bob"):
+            client = AnkiClient(tmp_path / name, server.endpoint, trust)
+            client.build(100, label=name)
+            client.login(name, f"{name}-pw")
+            assert client.sync("--upload")["required"] == "FULL_UPLOAD"
+        archive = tmp_path / "backup.tar.gz"
+        result = syncproxy("backup", str(archive), "--data-dir", str(data_dir)).stdout
+        assert "syncs held for" in result
+        assert "holding new syncs reason='backup, core 0'" in server.log()
+        assert "holding new syncs reason='backup, core 1'" in server.log()
+
+    restored = tmp_path / "restored"
+    syncproxy("restore", str(archive), "--data-dir", str(restored))
+    assert assignment(restored) == {"alice": 0, "bob": 1}
+    with SyncProxy(restored, "--cores", "2") as server:
+        bob = AnkiClient(tmp_path / "bob-restored", server.endpoint, server.ca_file())
+        bob.login("bob", "bob-pw")
+        assert bob.sync("--download")["required"] == "FULL_DOWNLOAD"
+        assert len(bob.dump()["notes"]) == 100
+        assert core_lines(server, 1, 'uri="/sync/download"')
