@@ -28,7 +28,7 @@ USERS_POLL_SECONDS = 1.0
 
 
 class CoreRoute:
-    """One core of the pool as the proxy sees it: where to forward, and whether it serves."""
+    """One core of the pool as an upstream of the proxy: its URL, its state, its failures."""
 
     def __init__(self, pool: BundledCore, index: int) -> None:
         self.pool = pool
@@ -258,8 +258,8 @@ class BundledCore:
     async def _stop_stale_cores(self) -> None:
         """Stop cores an earlier, killed syncproxy left running, before any core starts.
 
-        A stale core still holds its users' databases, so a new core given one of those users
-        would fail with "Locked", even a core with another number.
+        A stale core still has its users' databases open, so a new core given one of those
+        users would fail with "Locked", even a core with another number.
         """
         root = self.cores[0].pid_file.parent
         paths = [core.pid_file for core in self.cores] + pid_files_beyond(root, len(self.cores))

@@ -1,4 +1,4 @@
-"""Which sync core serves which user, when syncproxy runs several cores (`--cores N`).
+"""The assignment of users to sync cores, for a server that runs several (`--cores N`).
 
 The sync core runs every request of every user under one lock, so one large upload makes every
 other user wait. With N cores each core serves a fixed subset of the users, and requests of

@@ -156,7 +156,7 @@ class GateGroup:
                         ) -> AsyncIterator[None]:
         """Close the gates of `indexes` (default: all), wait until they drain, run, reopen.
 
-        Gates are taken in index order, so two holders can never wait for each other.
+        Gates are taken in index order, so two holders cannot deadlock.
         """
         chosen = sorted(set(range(len(self.gates)) if indexes is None else indexes))
         async with contextlib.AsyncExitStack() as stack:

@@ -502,8 +502,8 @@ class Exchange:
     async def peek_prefix(self, size: int) -> bytes:
         """Return at least the first `size` bytes of the body (or all of it), kept for `body()`.
 
-        Returns what arrived so far if the client stalls or goes away; forwarding meets that
-        again and answers it.
+        Returns what arrived so far if the client stalls or goes away, because forwarding then
+        meets the same failure and sends the error response.
         """
         with contextlib.suppress(BodyTooLarge, httpx.ReadError, ClientStalled):
             await self.read_prefix(size, sys.maxsize)

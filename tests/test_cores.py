@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import pytest
 import zstandard
 
-from support import AnkiClient, SyncProxy, add_user, syncproxy
+from support import AnkiClient, SyncProxy, add_user, free_port, syncproxy
 from syncproxy.cores import Move, assign, plan_rebalance
 from syncproxy.owner import legacy_form_host_key, query_host_key
 from syncproxy.users import host_key
@@ -30,6 +31,19 @@ def core_lines(server: SyncProxy, index: int, needle: str) -> list[str]:
     """Return the relayed output lines of core `index` that contain `needle`."""
     prefix = f"syncproxy.core.output: core {index}: "
     return [line for line in server.log().splitlines() if prefix in line and needle in line]
+
+
+def free_port_pair() -> int:
+    """Return a port that is free together with the next one."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports found")
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
@@ -311,3 +325,14 @@ def test_backup_with_two_cores_restores_assignment(tmp_path: Path) -> None:
         assert bob.sync("--download")["required"] == "FULL_DOWNLOAD"
         assert len(bob.dump()["notes"]) == 100
         assert core_lines(server, 1, 'uri="/sync/download"')
+
+
+def test_fixed_core_port_numbers_each_core(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "alice", "alice-pw")
+    add_user(data_dir, "bob", "bob-pw")
+    base = free_port_pair()
+    with SyncProxy(data_dir, "--cores", "2", "--core-port", str(base)) as server:
+        log = server.log()
+    assert f"port={base} core=0" in log
+    assert f"port={base + 1} core=1" in log
