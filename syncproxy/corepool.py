@@ -126,7 +126,11 @@ class BundledCore:
 
     def _load(self) -> tuple[dict[str, User], dict[str, int]]:
         """Read users and their cores, placing new users; raise UserError or
-        CoreAssignmentError for a file that cannot be used."""
+        CoreAssignmentError for a file that cannot be used.
+
+        Runs in a thread, because the assignment waits for the users file's lock, which a
+        backup keeps while it copies the data directory.
+        """
         self._signature = (self.store.signature(), self.assignment.signature())
         users = self.store.load()
         self.pending = frozenset(self.store.load_pending())
@@ -155,7 +159,7 @@ class BundledCore:
 
     async def start(self) -> None:
         await self._stop_stale_cores()
-        self.users, self.core_of = self._load()
+        self.users, self.core_of = await asyncio.to_thread(self._load)
         self._index_host_keys()
         if not self.users:
             log.warning("no users yet; add one with: syncproxy user add NAME "
@@ -193,7 +197,7 @@ class BundledCore:
         """Read the users and their cores; restart each core whose users changed."""
         async with self._reload_lock:
             try:
-                users, core_of = self._load()
+                users, core_of = await asyncio.to_thread(self._load)
             except (UserError, CoreAssignmentError) as error:
                 log.error("users or core assignment unreadable, keeping the current users "
                           "error=%r", str(error))
