@@ -274,7 +274,11 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
 def user_cores(data_dir: DataDir, store: UserStore, settings: Any) -> dict[str, int] | None:
     """Return each user's sync core, or None when one core serves everyone."""
     assignment = CoreAssignment(data_dir.cores_file, store.lock_path)
-    core_of, recorded = assignment.read()
+    try:
+        core_of, recorded = assignment.read()
+    except CoreAssignmentError as error:
+        print(f"syncproxy: warning: cores not shown: {error}", file=sys.stderr)
+        return None
     count = recorded if recorded is not None else resolve_core_count(settings.cores)
     return core_of if count > 1 else None
 
