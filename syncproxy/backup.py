@@ -6,11 +6,11 @@ therefore taken while it holds syncs (see `control`). Holding is enough without 
 sync core: with no request in flight the core writes nothing, and the pair of database file and
 WAL copied at such a moment is what SQLite recovers from after a crash. The hold lasts only for
 a plain file copy into a staging folder next to the archive; hashing and archiving happen after
-syncs have resumed.
+syncs have resumed. With several sync cores the hold covers every core.
 
 Archive layout (tar, gzip-compressed unless the name ends in .tar), relative to the data
-directory: syncproxy.toml, users.json, collections/, tls/, acme/, ankisyncd-import.json, and
-syncproxy-backup.json, a manifest with the size and SHA-256 of every file that restore checks.
+directory: syncproxy.toml, users.json, cores.json, collections/, tls/, acme/,
+ankisyncd-import.json, and syncproxy-backup.json, a manifest with the size and SHA-256 of every file that restore checks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .datadir import DataDir
 
 MANIFEST = "syncproxy-backup.json"
 FORMAT = 1
-TOP_LEVEL = ("syncproxy.toml", "users.json", "collections", "tls", "acme",
+TOP_LEVEL = ("syncproxy.toml", "users.json", "cores.json", "collections", "tls", "acme",
              "ankisyncd-import.json")
 # Derived or per-process files that a copy must not carry.
 SKIPPED_SUFFIXES = ("-shm", ".lock", ".sock", ".tmp")
@@ -62,6 +62,7 @@ def _sources(data_dir: DataDir) -> dict[str, Path]:
     return {
         "syncproxy.toml": data_dir.config_file,
         "users.json": data_dir.users_file,
+        "cores.json": data_dir.cores_file,
         "collections": data_dir.collections,
         "tls": data_dir.tls_dir,
         "acme": data_dir.acme_dir,

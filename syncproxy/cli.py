@@ -20,8 +20,9 @@ from typing import Any, NoReturn
 from . import __version__
 from .ankisyncd import AnkisyncdError
 from .backup import BackupError, create_backup, restore_backup
-from .control import ControlError
+from .control import ControlError, connect
 from .core import CoreError
+from .cores import CoreAssignment, CoreAssignmentError, resolve_core_count
 from .datadir import DataDir, DataDirError
 from .importing import MigrationError
 from .settings import (
@@ -43,7 +44,7 @@ from .tls import (
 )
 from .users import UserError, UserStore
 
-COMMANDS = ("serve", "user", "cert", "config", "health", "import", "backup", "restore")
+COMMANDS = ("serve", "user", "cert", "config", "health", "import", "backup", "restore", "cores")
 log = logging.getLogger("syncproxy")
 
 
@@ -169,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("health", parents=[options],
                         help="exit 0 if the local server is healthy (for container checks)")
+
+    cores = commands.add_parser("cores", help="show or even out which sync core serves which "
+                                              "user (with --cores N)")
+    cores_commands = cores.add_subparsers(dest="cores_command", metavar="ACTION", required=True)
+    cores_commands.add_parser("show", parents=[options],
+                              help="print the users of each sync core")
+    sub = cores_commands.add_parser(
+        "rebalance", parents=[options],
+        help="move users so that every sync core serves about as many users; a running "
+             "server applies the moves within seconds")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print the moves and change nothing")
     return parser
 
 
@@ -240,7 +253,9 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
             return 0
         names = sorted(set(users) | set(pending))
         width = max(len("USER"), *(len(name) for name in names))
-        print(f"{'USER':<{width}}  {'COLLECTION':>10}  LAST SYNC")
+        core_of = user_cores(data_dir, store, settings)
+        core_header = "CORE  " if core_of is not None else ""
+        print(f"{'USER':<{width}}  {core_header}{'COLLECTION':>10}  LAST SYNC")
         for name in names:
             size, last = collection_usage(data_dir.collections / name)
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
@@ -248,7 +263,60 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
             if name in pending:
                 note = ("  (sessions revoked; not logged in since)" if pending[name].phc
                         else "  (imported from ankisyncd; not logged in yet)")
-            print(f"{name:<{width}}  {_format_size(size):>10}  {when}{note}")
+            core = ""
+            if core_of is not None:
+                # A user added since the server's last look gets its core within seconds.
+                core = f"{core_of.get(name, '-')!s:<4}  "
+            print(f"{name:<{width}}  {core}{_format_size(size):>10}  {when}{note}")
+    return 0
+
+
+def user_cores(data_dir: DataDir, store: UserStore, settings: Any) -> dict[str, int] | None:
+    """Return each user's sync core, or None when one core serves everyone."""
+    assignment = CoreAssignment(data_dir.cores_file, store.lock_path)
+    try:
+        core_of, recorded = assignment.read()
+    except CoreAssignmentError as error:
+        print(f"syncproxy: warning: cores not shown: {error}", file=sys.stderr)
+        return None
+    count = recorded if recorded is not None else resolve_core_count(settings.cores)
+    return core_of if count > 1 else None
+
+
+def command_cores(args: argparse.Namespace, settings: Any) -> int:
+    data_dir = DataDir.from_settings(settings)
+    store = UserStore(data_dir.users_file)
+    assignment = CoreAssignment(data_dir.cores_file, store.lock_path)
+    if args.cores_command == "show":
+        core_of, count = assignment.read()
+        if count is None:
+            print(f"no core assignment yet in {data_dir.cores_file}; the server writes it when "
+                  f"it starts")
+            return 0
+        print(f"{count} sync core(s), as the server last ran:")
+        for index in range(count):
+            names = sorted(name for name, core in core_of.items() if core == index)
+            print(f"core {index}: {len(names)} user(s)  {' '.join(names)}".rstrip())
+        return 0
+
+    moves, count = assignment.rebalance(dry_run=args.dry_run)
+    if not moves:
+        print(f"the {count} sync core(s) already serve about as many users each; nothing to move")
+        return 0
+    for move in moves:
+        print(f"move {move.user}: core {move.source} -> core {move.target}")
+    if args.dry_run:
+        print(f"dry run: {len(moves)} move(s) planned over {count} cores; nothing was changed")
+        return 0
+    running = connect(data_dir.control_socket, timeout=2.0)
+    if running is not None:
+        running.close()
+        print(f"moved {len(moves)} user(s) in {data_dir.cores_file}. The running server applies "
+              f"it within seconds: it restarts the cores involved once their syncs in flight "
+              f"finish. No collection moves on disk.")
+    else:
+        print(f"moved {len(moves)} user(s) in {data_dir.cores_file}; the server uses it at its "
+              f"next start. No collection moves on disk.")
     return 0
 
 
@@ -506,8 +574,11 @@ def main(argv: list[str] | None = None) -> int:
             return command_backup(args, settings)
         if args.command == "restore":
             return command_restore(args, settings)
+        if args.command == "cores":
+            return command_cores(args, settings)
     except (SettingsError, UserError, DataDirError, CertificateError, CommandError,
-            CoreError, AnkisyncdError, MigrationError, BackupError, ControlError) as error:
+            CoreError, AnkisyncdError, MigrationError, BackupError, ControlError,
+            CoreAssignmentError) as error:
         print(f"syncproxy: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -7,7 +7,9 @@ plaintext passwords never exist outside the login request itself.
 Facts about the core that shape this module (anki 26.9):
 - SIGINT stops it gracefully; SIGTERM and SIGHUP kill it at once. After SIGINT the Python wrapper
   still exits non-zero, so the exit status does not show whether the stop was clean.
-- It exits at once with no users, and a second core on the same SYNC_BASE fails with "Locked".
+- It exits at once with no users. It locks each user's databases, not SYNC_BASE: cores with
+  different users share one SYNC_BASE, but a core given a user that another running core
+  serves fails to start with "Locked".
 - `GET /health` returns 200 once it accepts requests.
 - A panic while it holds its single lock (a malformed password hash at login is one cause)
   poisons that lock: from then on every /sync and /msync request drops its connection while
@@ -101,9 +103,13 @@ class SyncCore:
 
     def __init__(
         self, base: Path, max_payload_mb: int, port: int = 0, stop_timeout: float = 10.0,
-        pid_file: Path | None = None, probe_interval: float = 30.0,
+        pid_file: Path | None = None, probe_interval: float = 30.0, index: int | None = None,
     ) -> None:
         self.base = Path(base)
+        # With several cores, each log line names its core; a lone core keeps the plain lines.
+        self.index = index
+        self._tag = "" if index is None else f" core={index}"
+        self._output_prefix = "core" if index is None else f"core {index}"
         self.max_payload_mb = max_payload_mb
         self.fixed_port = port
         self.stop_timeout = stop_timeout
@@ -143,8 +149,8 @@ class SyncCore:
         self._users = tuple(users)
         self._stopping = False
         await self._spawn()
-        self._watch_task = asyncio.create_task(self._watch(), name="core-watch")
-        self._probe_task = asyncio.create_task(self._probe_loop(), name="core-probe")
+        self._watch_task = asyncio.create_task(self._watch(), name=f"core-watch{self._tag}")
+        self._probe_task = asyncio.create_task(self._probe_loop(), name=f"core-probe{self._tag}")
 
     async def _spawn(self) -> None:
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,8 +166,8 @@ class SyncCore:
             start_new_session=True,  # a Ctrl-C in the terminal reaches syncproxy, not the core
         )
         pidfile.write_pid_file(self.pid_file, self._process.pid)
-        log.info("sync core starting pid=%d port=%d users=%d", self._process.pid, self.port,
-                 len(self._users))
+        log.info("sync core starting pid=%d port=%d users=%d%s", self._process.pid, self.port,
+                 len(self._users), self._tag)
         self._relay_task = asyncio.create_task(self._relay(self._process), name="core-output")
         try:
             await self._wait_healthy(self._process)
@@ -184,7 +190,7 @@ class SyncCore:
             level = logging.INFO
             if self._stopping or f'ip="{PROBE_CLIENT_ADDRESS}"' in text:
                 level = logging.DEBUG
-            core_output.log(level, "core: %s", text)
+            core_output.log(level, "%s: %s", self._output_prefix, text)
             if PANIC_MARKER in text:
                 self.suspect("core panicked")
 
@@ -199,7 +205,8 @@ class SyncCore:
                     response = await client.get(f"{self.url}/health")
                     if response.status_code == 200:
                         self._ready.set()
-                        log.info("sync core ready pid=%d port=%d", process.pid, self.port)
+                        log.info("sync core ready pid=%d port=%d%s", process.pid, self.port,
+                                 self._tag)
                         return
                 await asyncio.sleep(0.1)
         raise CoreError(f"sync core did not respond on /health within {READY_TIMEOUT:g} s")
@@ -217,7 +224,8 @@ class SyncCore:
             self._ready.clear()
             if time.monotonic() - started > STABLE_AFTER:
                 backoff = BACKOFF_FIRST
-            log.warning("sync core exited status=%s restart_in=%.1fs", status, backoff)
+            log.warning("sync core exited status=%s restart_in=%.1fs%s", status, backoff,
+                        self._tag)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
             if self._stopping:
@@ -226,7 +234,7 @@ class SyncCore:
                 self.restarts += 1
                 await self._spawn()
             except Exception as error:  # noqa: BLE001 - the supervisor must outlive any failure
-                log.error("sync core restart failed error=%r", str(error))
+                log.error("sync core restart failed error=%r%s", str(error), self._tag)
 
     async def restart(self, users: Sequence[User]) -> None:
         """Stop the core and start it again with a new user list."""
@@ -247,7 +255,7 @@ class SyncCore:
         process = self._process
         if process is not None and process.returncode is None:
             await self._terminate(process)
-            log.info("sync core stopped pid=%d", process.pid)
+            log.info("sync core stopped pid=%d%s", process.pid, self._tag)
         pidfile.remove_pid_file(self.pid_file)
         if self._relay_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,15 +269,15 @@ class SyncCore:
         try:
             await asyncio.wait_for(process.wait(), self.stop_timeout)
         except asyncio.TimeoutError:
-            log.warning("sync core ignored SIGINT for %.0fs, killing it pid=%d",
-                        self.stop_timeout, process.pid)
+            log.warning("sync core ignored SIGINT for %.0fs, killing it pid=%d%s",
+                        self.stop_timeout, process.pid, self._tag)
             process.kill()
             await process.wait()
 
     def suspect(self, reason: str) -> None:
         """Probe the core now: something suggests it stopped serving syncs."""
         if not self._suspect.is_set():
-            log.info("probing sync core reason=%r", reason)
+            log.info("probing sync core reason=%r%s", reason, self._tag)
         self._suspect.set()
 
     async def _probe_loop(self) -> None:
@@ -290,7 +298,7 @@ class SyncCore:
                     continue
                 self.wedge_restarts += 1
                 log.error("sync core stopped serving syncs while /health responds, restarting it "
-                          "pid=%d", process.pid)
+                          "pid=%d%s", process.pid, self._tag)
                 self._ready.clear()
                 # The watcher notices the exit and starts a new core.
                 await self._terminate(process)

@@ -30,6 +30,7 @@ class DataDir:
     Layout:
         syncproxy.toml   optional settings file
         users.json       user names and PHC password hashes (mode 0600)
+        cores.json       which sync core serves which user (mode 0600; see `cores`)
         collections/     the sync core's SYNC_BASE: one folder per user (collections_dir moves it)
         tls/             generated CA and server certificate
         acme/            certbot's configuration, account, webroot and logs
@@ -55,6 +56,10 @@ class DataDir:
     @property
     def users_file(self) -> Path:
         return self.root / "users.json"
+
+    @property
+    def cores_file(self) -> Path:
+        return self.root / "cores.json"
 
     @property
     def collections(self) -> Path:
@@ -111,7 +116,8 @@ class DataDir:
 
     def is_empty(self) -> bool:
         """Return whether nothing worth keeping is in the data directory yet."""
-        kept = (self.config_file, self.users_file, self.collections, self.tls_dir, self.acme_dir)
+        kept = (self.config_file, self.users_file, self.cores_file, self.collections, self.tls_dir,
+                self.acme_dir)
         for path in kept:
             if path.is_dir() and any(path.iterdir()):
                 return False

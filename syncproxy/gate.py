@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 log = logging.getLogger("syncproxy.gate")
 
@@ -129,3 +129,38 @@ class RequestGate:
             self._open.set()
             log.info("resuming syncs reason=%r held_ms=%d", reason,
                      (time.monotonic() - started) * 1000)
+
+
+class GateGroup:
+    """One gate per sync core, for a server that runs several cores.
+
+    A user change restarts only the core that serves the user, so only that core's gate
+    closes. A backup must hold every core, so `exclusive` closes them all.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.gates = tuple(RequestGate() for _ in range(count))
+
+    def __getitem__(self, index: int) -> RequestGate:
+        return self.gates[index]
+
+    @property
+    def active(self) -> int:
+        return sum(gate.active for gate in self.gates)
+
+    def open_sessions(self) -> int:
+        return sum(gate.open_sessions() for gate in self.gates)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, reason: str, indexes: Iterable[int] | None = None
+                        ) -> AsyncIterator[None]:
+        """Close the gates of `indexes` (default: all), wait until they drain, run, reopen.
+
+        Gates are taken in index order, so two holders cannot deadlock.
+        """
+        chosen = sorted(set(range(len(self.gates)) if indexes is None else indexes))
+        async with contextlib.AsyncExitStack() as stack:
+            for index in chosen:
+                await stack.enter_async_context(self.gates[index].exclusive(
+                    f"{reason}, core {index}" if len(self.gates) > 1 else reason))
+            yield

@@ -1,7 +1,7 @@
 """The sync core's pid file, and stopping a core that an earlier syncproxy left running.
 
-The core holds a lock on its collections folder, so a core orphaned by a syncproxy that was
-killed (SIGKILL, OOM killer) keeps every later core from starting there. The parent-death signal
+The core locks the databases of its users, so a core orphaned by a syncproxy that was killed
+(SIGKILL, OOM killer) keeps every later core with one of those users from starting. The parent-death signal
 set by `corelauncher` normally stops such a core; this file is the second line of defence, for
 a core whose stop hangs or a kernel without that signal.
 

@@ -10,6 +10,7 @@ legitimately take minutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ from .httpsemantics import (
 )
 from .login import MAX_LOGIN_BODY_BYTES, LoginBodyError, is_login_request, read_credentials
 from .metrics import Metrics
+from .owner import request_owner
 from .upstream_client import UpstreamTransports
 from .throttle import LoginThrottle
 
@@ -73,6 +75,13 @@ class HostKeys(Protocol):
     """The host keys that are currently valid, or None when the upstream decides alone."""
 
     def valid_host_keys(self) -> frozenset[str] | None: ...
+
+
+class CoreRouter(Protocol):
+    """Several upstreams that each serve a fixed share of the users (`--cores N`)."""
+
+    def route(self, host_key: str, user: str | None) -> tuple[Upstream, RequestGate]:
+        """Return the upstream and gate of the user with this host key or name."""
 
 
 class LegacyLogins(Protocol):
@@ -154,9 +163,11 @@ class ProxyApp:
         metrics: Metrics | None = None,
         login_throttle: LoginThrottle | None = None,
         path_prefix: str = "/",
+        router: CoreRouter | None = None,
     ) -> None:
         self.path_prefix = path_prefix
         self.upstream = upstream
+        self.router = router
         self.legacy_logins = legacy_logins
         self.login_throttle = login_throttle
         self.gate = gate
@@ -245,15 +256,21 @@ class ProxyApp:
             await exchange.respond_too_large(self.max_body_bytes)
             return
 
+        upstream, gate = self.upstream, self.gate
+        if self.router is not None:
+            # Only with several cores: a login or a legacy request is read ahead for its user.
+            key, user = await request_owner(exchange, path, host_key)
+            upstream, gate = self.router.route(key, user)
+
         try:
             # Checked after the gate: a request that arrives while the sync core restarts for
             # a user change waits for it instead of getting 503.
-            async with self.gate.admit(host_key, path, GATE_WAIT_SECONDS):
-                reason = self.upstream.unavailable_reason()
+            async with gate.admit(host_key, path, GATE_WAIT_SECONDS):
+                reason = upstream.unavailable_reason()
                 if reason:
                     await exchange.respond(503, f"Sync server unavailable: {reason}\n")
                     return
-                await self._forward(exchange)
+                await self._forward(exchange, upstream)
         except GateTimeout:
             await exchange.respond(503, "Sync server is restarting; try again shortly.\n")
 
@@ -331,9 +348,10 @@ class ProxyApp:
             scope["raw_path"] = scope["raw_path"][len(raw_prefix) - 1:]
         return scope["path"]
 
-    async def _answer_failed_send(self, exchange: Exchange, error: Exception) -> None:
+    async def _answer_failed_send(self, exchange: Exchange, error: Exception,
+                                  upstream: Upstream) -> None:
         """Answer a request whose exchange with the upstream failed before any response."""
-        url = self.upstream.url
+        url = upstream.url
         if isinstance(error, BodyTooLarge):
             exchange.reject_reason = "body_too_large"
             await exchange.respond_too_large(self.max_body_bytes)
@@ -356,20 +374,20 @@ class ProxyApp:
                                         f"(setting upstream_idle_timeout).\n")
         elif not exchange.client_gone:
             log.warning("upstream failed url=%s error=%r", url, str(error))
-            self.upstream.upstream_failed(exchange.scope["path"], error)
+            upstream.upstream_failed(exchange.scope["path"], error)
             await exchange.respond(502, f"Upstream failed: {type(error).__name__} from {url}; "
                                         f"the sync core may have restarted, try again.\n")
 
-    async def _forward(self, exchange: Exchange) -> None:
+    async def _forward(self, exchange: Exchange, upstream: Upstream) -> None:
         scope = exchange.scope
-        target = self.upstream.url + scope["raw_path"].decode("latin-1")
+        target = upstream.url + scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
 
         try:
             prefix, complete = await exchange.read_prefix(SMALL_BODY_BYTES, self.max_body_bytes)
         except (BodyTooLarge, ClientStalled) as error:
-            await self._answer_failed_send(exchange, error)
+            await self._answer_failed_send(exchange, error, upstream)
             return
         except httpx.ReadError:
             return  # the client went away before sending its whole body
@@ -397,7 +415,7 @@ class ProxyApp:
             try:
                 response = await transport.handle_async_request(request)
             except (BodyTooLarge, ClientStalled, httpx.TransportError) as error:
-                await self._answer_failed_send(exchange, error)
+                await self._answer_failed_send(exchange, error, upstream)
                 return
 
             try:
@@ -408,7 +426,7 @@ class ProxyApp:
                 # The status line has gone out, so the only signal left is to end the response
                 # short: returning without its last chunk makes the front end close the connection.
                 log.warning("upstream failed mid-response url=%s path=%s sent=%d error=%s",
-                            self.upstream.url, scope["path"], exchange.bytes_out,
+                            upstream.url, scope["path"], exchange.bytes_out,
                             type(error).__name__)
             finally:
                 await response.aclose()
@@ -531,6 +549,16 @@ class Exchange:
         except (BodyTooLarge, httpx.ReadError, ClientStalled):
             return None
         return body if complete else None
+
+    async def peek_prefix(self, size: int) -> bytes:
+        """Return at least the first `size` bytes of the body (or all of it), kept for `body()`.
+
+        Returns what arrived so far if the client stalls or goes away, because forwarding then
+        meets the same failure and sends the error response.
+        """
+        with contextlib.suppress(BodyTooLarge, httpx.ReadError, ClientStalled):
+            await self.read_prefix(size, sys.maxsize)
+        return b"".join(self._prefetched)
 
     async def body(self, limit: int) -> AsyncIterator[bytes]:
         """Yield the request body, what was read ahead first; raise BodyTooLarge past `limit`."""

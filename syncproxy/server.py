@@ -1,9 +1,10 @@
 """Wire the parts together and run until a signal stops syncproxy.
 
-    settings -> data directory -> users -> sync core (or --upstream) -> proxy app -> listener
+    settings -> data directory -> users -> sync cores (or --upstream) -> proxy app -> listener
 
-The users file is polled once a second; a change restarts the sync core when no sync is in
-flight (see `gate`), so `syncproxy user ...` works on a running server.
+The users file is polled once a second; a change restarts the sync core that serves the user
+when none of its syncs is in flight (see `corepool` and `gate`), so `syncproxy user ...` works
+on a running server.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 
 from .compat import SeedUser, seed_users
 from .control import ControlServer
-from .core import CoreError, SyncCore
+from .corepool import BundledCore, core_pid_file
+from .cores import CoreAssignment, resolve_core_count
+from .core import SyncCore
 from .datadir import DataDir
-from .gate import RequestGate
+from .gate import GateGroup
 from .listener import Listener, hypercorn_config
 from .metrics import Metrics
 from .proxy import ProxyApp
@@ -31,130 +34,9 @@ from .certreload import ReloadingCertificate
 from .settings import passthrough_options, routing_table, trusted_proxy_networks
 from .throttle import LoginThrottle
 from .tls import CertificatePaths, ensure_generated, generated_names
-from .users import User, UserError, UserStore
+from .users import UserStore
 
 log = logging.getLogger("syncproxy")
-
-USERS_POLL_SECONDS = 1.0
-
-
-class BundledCore:
-    """The sync core as the proxy's upstream, plus the users it was started with."""
-
-    def __init__(self, core: SyncCore, store: UserStore, gate: RequestGate) -> None:
-        self.core = core
-        self.store = store
-        self.gate = gate
-        self.users: dict[str, User] = {}
-        self.pending: frozenset[str] = frozenset()
-        self._host_keys: frozenset[str] = frozenset()
-        self._signature: Any = None
-        self._reload_lock = asyncio.Lock()
-
-    @property
-    def url(self) -> str:
-        return self.core.url
-
-    def unavailable_reason(self) -> str | None:
-        if not self.users and self.pending:
-            # Only imported users, none logged in yet: no core runs, and every host key is
-            # invalid, so clients get 403 and log in, which starts the core.
-            return None
-        if not self.users:
-            return ("no users yet. Add one on the server with 'syncproxy user add NAME'; "
-                    "it takes effect without a restart.")
-        if not self.core.ready:
-            return "the sync core is starting or restarting."
-        return None
-
-    def valid_host_keys(self) -> frozenset[str]:
-        return self._host_keys
-
-    def upstream_failed(self, path: str, error: Exception) -> None:
-        """Check the core at once when a sync request lost its connection to it."""
-        self.core.suspect(f"{type(error).__name__} on {path}")
-
-    def _load(self) -> dict[str, User]:
-        self._signature = self.store.signature()
-        self.pending = frozenset(self.store.load_pending())
-        return self.store.load()
-
-    async def start(self) -> None:
-        self.users = self._load()
-        self._host_keys = frozenset(user.host_key for user in self.users.values())
-        if self.users:
-            await self.core.start(list(self.users.values()))
-        else:
-            log.warning("no users yet; add one with: syncproxy user add NAME "
-                        "(the running server picks it up)")
-
-    async def watch_users(self) -> None:
-        """Apply changes to the users file while running."""
-        while True:
-            await asyncio.sleep(USERS_POLL_SECONDS)
-            await self.refresh()
-
-    async def refresh(self) -> None:
-        """Apply the users file if it changed; also run before each login.
-
-        Without the call at login, a user who logs in right after 'syncproxy user add' could
-        be rejected for up to one poll interval.
-        """
-        if self.store.signature() != self._signature:
-            await self.reload_users()
-
-    async def reload_users(self) -> None:
-        """Read the users file and restart the core if its users changed."""
-        async with self._reload_lock:
-            try:
-                users = self._load()
-            except UserError as error:
-                log.error("users file unreadable, keeping the current users error=%r",
-                          str(error))
-                return
-            if users != self.users:
-                await self._apply(users)
-
-    def has_pending_users(self) -> bool:
-        return bool(self.pending)
-
-    async def upgrade_legacy_login(self, name: str, password: str) -> bool | None:
-        """Check a pending user's password (imported or revoked); on a match store a new PHC hash.
-
-        Return None if `name` is not waiting for a first login, else whether the password
-        matched. After a match the sync core knows the user when this returns.
-        """
-        if name not in self.pending:
-            return None
-        user = await asyncio.to_thread(self.store.upgrade_pending, name, password)
-        if user is None:
-            log.info("pending login rejected user=%s", name)
-            return False
-        log.info("pending login accepted, password re-hashed user=%s", name)
-        await self.reload_users()
-        return True
-
-    async def _apply(self, users: dict[str, User]) -> None:
-        added = sorted(set(users) - set(self.users))
-        removed = sorted(set(self.users) - set(users))
-        changed = sorted(name for name in set(users) & set(self.users)
-                         if users[name] != self.users[name])
-        log.info("users changed added=%s removed=%s changed=%s", ",".join(added) or "-",
-                 ",".join(removed) or "-", ",".join(changed) or "-")
-        # Old host keys stop working at once; the core catches up when the restart is done.
-        self._host_keys = frozenset(user.host_key for user in users.values())
-        async with self.gate.exclusive("users changed"):
-            self.users = users
-            try:
-                if users:
-                    await self.core.restart(list(users.values()))
-                else:
-                    await self.core.stop()
-            except (CoreError, OSError) as error:
-                log.error("sync core restart after user change failed error=%r", str(error))
-
-    async def stop(self) -> None:
-        await self.core.stop()
 
 
 class ExternalUpstream:
@@ -171,6 +53,19 @@ class ExternalUpstream:
 
     def upstream_failed(self, path: str, error: Exception) -> None:
         pass
+
+
+def make_cores(settings: Any, data_dir: DataDir, count: int) -> list[SyncCore]:
+    """Create the sync cores; all share the collections folder as their SYNC_BASE."""
+    cores = []
+    for index in range(count):
+        port = settings.core_port + index if settings.core_port else 0
+        cores.append(SyncCore(data_dir.collections, settings.max_body_mb, port,
+                              settings.core_stop_timeout,
+                              pid_file=core_pid_file(data_dir.root, index),
+                              probe_interval=settings.core_probe_interval,
+                              index=index if count > 1 else None))
+    return cores
 
 
 def prepare_tls(settings: Any, data_dir: DataDir) -> ReloadingCertificate | None:
@@ -210,21 +105,23 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
     tls = prepare_tls(settings, data_dir)
     describe_trust(tls, settings)
 
-    gate = RequestGate()
+    core_count = 1 if settings.upstream else resolve_core_count(settings.cores)
+    gates = GateGroup(core_count)
     if settings.upstream:
         upstream: BundledCore | ExternalUpstream = ExternalUpstream(settings.upstream)
         log.info("forwarding to an existing sync server upstream=%s", upstream.url)
     else:
-        core = SyncCore(data_dir.collections, settings.max_body_mb, settings.core_port,
-                        settings.core_stop_timeout, pid_file=data_dir.root / "core.pid",
-                        probe_interval=settings.core_probe_interval)
         store = UserStore(data_dir.users_file)
         seed_users(store, list(seed))
-        upstream = BundledCore(core, store, gate)
+        upstream = BundledCore(make_cores(settings, data_dir, core_count), store, gates,
+                               CoreAssignment(data_dir.cores_file, store.lock_path))
+        if core_count > 1:
+            log.info("running several sync cores cores=%d collections=%s", core_count,
+                     data_dir.collections)
     if seed and settings.upstream:
         log.warning("users declared in the environment are ignored with --upstream, because "
                     "the upstream checks passwords itself")
-    control = ControlServer(data_dir.control_socket, gate)
+    control = ControlServer(data_dir.control_socket, gates)
     await control.start()
 
     metrics = Metrics()
@@ -248,8 +145,9 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
 
         scheme = "https" if tls else "http"
         app = ProxyApp(
-            upstream, gate, upstream,
+            upstream, gates[0], upstream,
             legacy_logins=upstream if isinstance(upstream, BundledCore) else None,
+            router=upstream if core_count > 1 else None,
             max_body_bytes=settings.max_body_mb * 1024 * 1024,
             connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.upstream_idle_timeout,
@@ -288,7 +186,7 @@ async def run(settings: Any, seed: Sequence[SeedUser] = ()) -> int:
         if tls and settings.domain:
             acme = AcmeService(settings, data_dir.acme_dir, tls, listener.bound_port)
             acme.start()
-        metrics_listener = start_metrics(settings, metrics, upstream, gate, listener, tls)
+        metrics_listener = start_metrics(settings, metrics, upstream, gates, listener, tls)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -336,15 +234,15 @@ def write_listening_record(data_dir: DataDir, settings: Any, port: int) -> None:
                     "error=%r", data_dir.listening_file, str(error))
 
 
-def start_metrics(settings: Any, metrics: Metrics, upstream: Any, gate: RequestGate,
+def start_metrics(settings: Any, metrics: Metrics, upstream: Any, gates: GateGroup,
                   listener: Listener, tls: ReloadingCertificate | None) -> Listener | None:
     """Start the plain-HTTP Prometheus listener, unless metrics_port is 0."""
-    core = upstream.core if isinstance(upstream, BundledCore) else None
+    bundled = upstream if isinstance(upstream, BundledCore) else None
     metrics.watch(
-        active_syncs=gate.open_sessions,
-        in_flight=lambda: gate.active,
+        active_syncs=gates.open_sessions,
+        in_flight=lambda: gates.active,
         open_connections=lambda: len(listener.connections),
-        core_restarts=(lambda: core.restarts) if core is not None else None,
+        core_restarts=(lambda: bundled.restarts) if bundled is not None else None,
         certificate=(lambda: tls.cert_path) if tls is not None else None,
     )
     if not settings.metrics_port:

@@ -56,7 +56,7 @@ class Option:
     """One setting: its name, value type, default and help text."""
 
     name: str
-    kind: str  # "str", "int", "float", "bool", "path", "list"
+    kind: str  # "str", "int", "float", "bool", "path", "list", "int_or_auto"
     default: Any
     help: str
     minimum: float | None = None
@@ -124,8 +124,11 @@ OPTIONS: tuple[Option, ...] = (
            "one gets 431", minimum=4, maximum=1024),
     Option("max_connections", "int", 1000, "client connections served at once; more are "
            "closed at once and counted in the metrics", minimum=1, maximum=1_000_000),
-    Option("core_port", "int", 0, "loopback port for the bundled sync core; 0 picks a free "
-           "port", minimum=0, maximum=65535),
+    Option("core_port", "int", 0, "loopback port for the bundled sync core (with several "
+           "cores, core N uses this port + N); 0 picks free ports", minimum=0, maximum=65535),
+    Option("cores", "int_or_auto", 1, "number of sync core processes; each serves a fixed "
+           "share of the users, so syncs of users on different cores run in parallel. 'auto' "
+           "starts one per CPU this process may use", minimum=1, maximum=64),
     Option("core_stop_timeout", "float", 10.0, "seconds the sync core gets to stop after "
            "SIGINT before it is killed", minimum=0.1, maximum=600),
     Option("core_probe_interval", "float", 30.0, "seconds between checks that the sync core "
@@ -202,7 +205,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _KIND_WORDS = {
     "str": "a string", "path": "a path", "int": "an integer", "float": "a number",
-    "bool": "true or false", "list": "a list of strings",
+    "bool": "true or false", "list": "a list of strings", "int_or_auto": "an integer",
 }
 
 
@@ -217,6 +220,8 @@ def _expected(option: Option) -> str:
         words += f" from {_number(option.minimum)} to {_number(option.maximum)}"
     if option.choices:
         words = "one of " + ", ".join(option.choices)
+    if option.kind == "int_or_auto":
+        words += " or auto"
     return words
 
 
@@ -233,6 +238,8 @@ def _convert_text(option: Option, text: str) -> Any:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if option.kind == "int":
         return int(stripped)
+    if option.kind == "int_or_auto":
+        return "auto" if stripped.lower() == "auto" else int(stripped)
     if option.kind == "float":
         return float(stripped)
     if option.kind == "path":
@@ -246,7 +253,7 @@ def _convert_toml(option: Option, value: Any) -> Any:
     """Check and convert a value read from TOML, which already carries a type."""
     expected: dict[str, tuple[type, ...]] = {
         "str": (str,), "path": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-        "list": (list, str),
+        "list": (list, str), "int_or_auto": (int, str),
     }
     # TOML booleans are Python ints, so `port = true` must not pass as 1.
     if isinstance(value, bool) and option.kind != "bool":
@@ -264,6 +271,10 @@ def _convert_toml(option: Option, value: Any) -> Any:
         return Path(value).expanduser()
     if option.kind == "float":
         return float(value)
+    if option.kind == "int_or_auto" and isinstance(value, str):
+        if value.strip().lower() != "auto":
+            raise ValueError
+        return "auto"
     return value
 
 
@@ -273,6 +284,8 @@ def _type_error(option: Option, value: Any, where: str) -> SettingsError:
 
 
 def _check_range(option: Option, value: Any, where: str) -> None:
+    if value == "auto" and option.kind == "int_or_auto":
+        return
     if option.kind == "float" and not math.isfinite(value):
         raise _type_error(option, value, where)
     outside = ((option.minimum is not None and value < option.minimum)
@@ -347,6 +360,8 @@ def convert_cli_value(option: Option, value: Any) -> Any:
         value = Path(value).expanduser()
     if option.kind == "list":
         value = tuple(value)
+    if option.kind == "int_or_auto":
+        return parse_text(option, value, option.flag)
     if value is not None and option.kind != "list":
         _check_range(option, value, option.flag)
     return value
@@ -489,6 +504,14 @@ def validate(settings: Any) -> None:
                             f"choose another port for the metrics, or 0 to turn them off")
     if settings.upstream and not settings.upstream.startswith(("http://", "https://")):
         raise SettingsError(f"upstream {settings.upstream!r} must be an http:// or https:// URL")
+    if settings.upstream and settings.cores != 1:
+        raise SettingsError(f"cores {settings.cores!r} applies to the bundled sync core, and "
+                            f"--upstream replaces it; remove one of the two settings")
+    if settings.core_port and isinstance(settings.cores, int) and (
+            settings.core_port + settings.cores - 1 > 65535):
+        raise SettingsError(f"core_port {settings.core_port} with cores {settings.cores} needs "
+                            f"ports up to {settings.core_port + settings.cores - 1}, beyond "
+                            f"65535; choose a lower core_port or 0 for free ports")
 
 
 def routing_table(settings: Any) -> RoutingTable:
