@@ -5,8 +5,9 @@ real client runs in its own process, and all of them wait for one shared wall-cl
 (`anki_client.py --start-at`), so Python's start-up is not timed. A workload's time runs from
 that start to the last client's finish.
 
-The logins are also timed as bare HTTP requests (`POST /sync/hostKey`, zstd body) sent over
-eight connections opened beforehand, which leaves out the clients' CPU use and TLS handshakes.
+Both workloads are also timed as bare HTTP requests (`POST /sync/hostKey` and `POST
+/sync/upload`, zstd bodies) sent over eight connections opened beforehand, which leaves out the
+clients' CPU use and TLS handshakes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from support import AnkiClient, clean_environment
 USERS = 8
 CORE_COUNTS = (1, 2)
 WORKLOADS = ("8 concurrent logins, real clients", "8 concurrent logins, HTTP requests",
-             "8 concurrent full uploads, real clients")
+             "8 concurrent full uploads, real clients", "8 concurrent full uploads, HTTP requests")
 # Time for eight client processes to import anki and open their collections before the start.
 LAUNCH_MARGIN_SECONDS = 6.0
 
@@ -74,29 +75,56 @@ def login_request(user: str) -> tuple[bytes, dict[str, str]]:
     return body, {"anki-sync": sync_header, "content-type": "application/octet-stream"}
 
 
-async def send_logins(url: str, trust: Path, users: list[str]) -> float:
-    """Send one login per user at once, each on its own open connection; return the seconds."""
+def upload_request(host_key: str, collection: bytes) -> tuple[bytes, dict[str, str]]:
+    """Return the zstd body and headers of the sync protocol's full upload request."""
+    sync_header = json.dumps({"v": 11, "k": host_key, "c": CLIENT_VERSION, "s": ""},
+                             separators=(",", ":"))
+    return (zstandard.ZstdCompressor().compress(collection),
+            {"anki-sync": sync_header, "content-type": "application/octet-stream"})
+
+
+async def send_at_once(url: str, trust: Path, path: str,
+                       requests: list[tuple[bytes, dict[str, str]]]) -> tuple[float, list]:
+    """Send the requests at once, each on its own open connection; return seconds, responses."""
     context = ssl.create_default_context(cafile=str(trust))
-    clients = [httpx.AsyncClient(verify=context, timeout=120) for _ in users]
+    clients = [httpx.AsyncClient(verify=context, timeout=300) for _ in requests]
     try:
         # syncproxy answers its own health path: this opens each connection, TLS included.
         await asyncio.gather(*(client.get(url + "_syncproxy/health") for client in clients))
-        requests = [login_request(user) for user in users]
         started = time.perf_counter()
         responses = await asyncio.gather(*(
-            client.post(url + "sync/hostKey", content=body, headers=headers)
+            client.post(url + path, content=body, headers=headers)
             for client, (body, headers) in zip(clients, requests)))
         seconds = time.perf_counter() - started
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
-    for user, response in zip(users, responses):
+    for response in responses:
         if response.status_code != 200:
-            raise RuntimeError(f"login of {user} returned status {response.status_code}: "
+            raise RuntimeError(f"{path} returned status {response.status_code}: "
                                f"{response.text[:200]}")
+    return seconds, responses
+
+
+async def send_logins(url: str, trust: Path, users: list[str]) -> float:
+    """Send one login per user at once; return the seconds."""
+    seconds, responses = await send_at_once(url, trust, "sync/hostKey",
+                                            [login_request(user) for user in users])
+    for user, response in zip(users, responses):
         answer = json.loads(zstandard.ZstdDecompressor().decompress(response.content,
                                                                     max_output_size=MB))
         if "key" not in answer:
             raise RuntimeError(f"login of {user} returned no host key")
+    return seconds
+
+
+async def send_uploads(url: str, trust: Path, host_keys: list[str], collection: bytes) -> float:
+    """Send one full upload of `collection` per host key at once; return the seconds."""
+    seconds, responses = await send_at_once(url, trust, "sync/upload",
+                                            [upload_request(key, collection) for key in host_keys])
+    for response in responses:
+        answer = zstandard.ZstdDecompressor().decompress(response.content, max_output_size=MB)
+        if answer != b"OK":
+            raise RuntimeError(f"a full upload returned {answer[:200]!r} instead of OK")
     return seconds
 
 
@@ -151,6 +179,11 @@ def measure_cores(setup: Setup, repeats: int) -> dict:
                                        f"{[output['notes'] for output in outputs]}")
                 times[cores][WORKLOADS[2]].append(seconds)
                 worst_late = max(worst_late, late)
+
+                seconds = asyncio.run(send_uploads(proxy.url, setup.trust,
+                                                   [client.hkey for client in clients],
+                                                   setup.template.read_bytes()))
+                times[cores][WORKLOADS[3]].append(seconds)
             finally:
                 proxy.stop()
             print(f"  --cores {cores}, repeat {repeat + 1}/{repeats}: " + ", ".join(
