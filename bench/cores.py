@@ -89,7 +89,7 @@ async def send_at_once(url: str, trust: Path, path: str,
     context = ssl.create_default_context(cafile=str(trust))
     clients = [httpx.AsyncClient(verify=context, timeout=300) for _ in requests]
     try:
-        # syncproxy answers its own health path: this opens each connection, TLS included.
+        # syncproxy responds to its own health path itself: this opens each connection, TLS included.
         await asyncio.gather(*(client.get(url + "_syncproxy/health") for client in clients))
         started = time.perf_counter()
         responses = await asyncio.gather(*(
