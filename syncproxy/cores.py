@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .users import file_signature
+
 MAX_CORES = 64
 FORMAT = 1
 
@@ -143,11 +145,7 @@ class CoreAssignment:
 
     def signature(self) -> tuple[int, int, int] | None:
         """Return a cheap fingerprint of the file that changes whenever it is rewritten."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return file_signature(self.path)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -163,6 +163,15 @@ class PendingUser:
         return verify_legacy_password(self.name, password, self.ankisyncd_hash)
 
 
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """Return a fingerprint of `path` that changes whenever the file is rewritten, or None."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 class UserStore:
     """The users file: a JSON document written atomically with mode 0600.
 
@@ -218,11 +227,7 @@ class UserStore:
 
     def signature(self) -> tuple[int, int, int] | None:
         """Return a cheap fingerprint of the file that changes whenever it is rewritten."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return file_signature(self.path)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[tuple[dict[str, User], dict[str, PendingUser]]]:
