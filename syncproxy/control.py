@@ -117,6 +117,10 @@ class ControlServer:
                 log.warning("control request rejected peer_uid=%d", uid)
                 return
             line = await asyncio.wait_for(reader.readline(), 10.0)
+            if not line:
+                # A command that only checks whether a server runs connects and closes.
+                log.debug("control connection closed without a request peer_uid=%d", uid)
+                return
             try:
                 request = json.loads(line)
             except ValueError:
