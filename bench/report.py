@@ -163,7 +163,7 @@ def anchors_section(results: dict, arguments: argparse.Namespace) -> str:
     summary = {
         "real-client phases <= 1.05 x nginx": all(client_checks),
         "small requests >= 50% of bare hypercorn at 32 connections": all(small_checks),
-        "100 MB transfers >= 70% of nginx": all(bulk_checks),
+        f"{results['bulk']['size_mb']} MB transfers >= 70% of nginx": all(bulk_checks),
         "memory: idle <= 60 MB, peak within 20 MB of idle": all(memory_checks),
     }
     lines = [
