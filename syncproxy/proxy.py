@@ -51,6 +51,8 @@ GATE_WAIT_SECONDS = 120.0
 # without reading the final zero-length chunk. The kernel then resets the connection, which can
 # destroy the end of the response in flight. Small bodies (most sync requests) avoid that race.
 SMALL_BODY_BYTES = 256 * 1024
+# Response bodies up to this size are read whole and sent with Content-Length (relay_response).
+SMALL_RESPONSE_BYTES = 64 * 1024
 
 # After an early 413 the rest of the body is read and discarded, so that a client still writing
 # it does not meet a reset before it reads the response. These bound that work per request.
@@ -433,39 +435,35 @@ class ProxyApp:
 
 
 async def relay_response(exchange: Exchange, response: httpx.Response) -> None:
-    """Send the upstream's response to the client, its body one chunk behind the upstream.
+    """Send the upstream's response to the client; a small body goes out with Content-Length.
 
-    Holding one chunk back shows whether the body has ended when the first chunk arrives, as
-    it has for almost every sync response. Such a body goes out with Content-Length, in one
-    write with the head. Relayed chunked, the final zero-length chunk went out in a TLS record
-    of its own after the data. The Anki client had by then stopped reading, so it closed the
-    connection and made a new one, with a new TLS handshake, for its next request.
+    Up to SMALL_RESPONSE_BYTES of the body are read before the response starts. A body that
+    ends within them, as every sync response but downloads does, goes out in one write with
+    the head. Relayed chunked, the final zero-length chunk went out in a TLS record of its own.
+    The Anki client had by then stopped reading, so it closed the connection and made a new
+    one, with a new TLS handshake, for its next request. A larger body is streamed chunked.
     """
     headers = end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
-    held: bytes | None = None
-    started = False
-    async for chunk in response.aiter_raw():
-        if not chunk:
-            continue
-        if held is None:
-            held = chunk
-            continue
-        if not started:
-            await exchange.start_response(response.status_code, headers)
-            started = True
-        await exchange.send_body(held)
-        held = chunk
-    if started:
-        if held is not None:
-            await exchange.send_body(held)
-        await exchange.end_response()
+    chunks = response.aiter_raw()
+    held: list[bytes] = []
+    held_bytes = 0
+    async for chunk in chunks:
+        held.append(chunk)
+        held_bytes += len(chunk)
+        if held_bytes > SMALL_RESPONSE_BYTES:
+            break
+    else:
+        body = b"".join(held)
+        if response.headers.get("content-length") is None and has_body(exchange, response):
+            headers.append((b"content-length", str(len(body)).encode()))
+        await exchange.start_response(response.status_code, headers)
+        await exchange.send_last_body(body)
         return
-    body = held or b""
-    if (response.headers.get("content-length") is None and has_body(exchange, response)):
-        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
     await exchange.start_response(response.status_code, headers)
-    await exchange.send_last_body(body)
+    await exchange.send_body(b"".join(held))
+    async for chunk in chunks:  # the same generator, resumed after the break
+        await exchange.send_body(chunk)
+    await exchange.end_response()
 
 
 def has_body(exchange: Exchange, response: httpx.Response) -> bool:

@@ -14,7 +14,6 @@ class ThrottledRelay:
         self.target_port = target_port
         self.rate = rate
         self.uploaded = 0  # bytes relayed from clients to the server
-        self.connections = 0  # connections accepted from clients
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -25,7 +24,6 @@ class ThrottledRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             threading.Thread(target=self._pump, args=(client, upstream, True),
                              daemon=True).start()
