@@ -227,6 +227,18 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def server_running(data_dir: DataDir) -> bool:
+    """Return True if a server accepts connections on the data directory's control socket."""
+    try:
+        connection = connect(data_dir.control_socket, timeout=2.0)
+    except OSError:
+        return False  # a socket this user may not use counts as no server for the message
+    if connection is None:
+        return False
+    connection.close()
+    return True
+
+
 def command_user(args: argparse.Namespace, settings: Any) -> int:
     data_dir = DataDir.from_settings(settings)
     store = UserStore(data_dir.users_file)
@@ -234,7 +246,10 @@ def command_user(args: argparse.Namespace, settings: Any) -> int:
         from .users import validate_name
         validate_name(args.name)
         store.add(args.name, read_password(args))
-        print(f"added user {args.name}; a running server picks it up within seconds")
+        if server_running(data_dir):
+            print(f"added user {args.name}; the running server picks it up within seconds")
+        else:
+            print(f"added user {args.name}; the server picks it up when it starts")
     elif args.user_command == "passwd":
         store.set_password(args.name, read_password(args))
         print(f"changed the password of {args.name}; its devices must log in again")
@@ -297,6 +312,10 @@ def command_cores(args: argparse.Namespace, settings: Any) -> int:
         for index in range(count):
             names = sorted(name for name, core in core_of.items() if core == index)
             print(f"core {index}: {len(names)} user(s)  {' '.join(names)}".rstrip())
+        waiting = sorted(set(store.load()) - set(core_of))
+        if waiting:
+            print(f"no core yet: {' '.join(waiting)} (the server assigns them when it next reads "
+                  f"the users file)")
         return 0
 
     moves, count = assignment.rebalance(dry_run=args.dry_run)
@@ -308,9 +327,7 @@ def command_cores(args: argparse.Namespace, settings: Any) -> int:
     if args.dry_run:
         print(f"dry run: {len(moves)} move(s) planned over {count} cores; nothing was changed")
         return 0
-    running = connect(data_dir.control_socket, timeout=2.0)
-    if running is not None:
-        running.close()
+    if server_running(data_dir):
         print(f"moved {len(moves)} user(s) in {data_dir.cores_file}. The running server applies "
               f"it within seconds: it restarts the cores involved once their syncs in flight "
               f"finish. No collection moves on disk.")

@@ -231,6 +231,10 @@ class BundledCore:
                          if users[name] != self.users[name])
         log.info("users changed added=%s removed=%s changed=%s", ",".join(added) or "-",
                  ",".join(removed) or "-", ",".join(changed) or "-")
+        for name in sorted(set(core_of) & set(self.core_of)):
+            if core_of[name] != self.core_of[name]:
+                log.info("user moved to another core user=%s from_core=%d to_core=%d", name,
+                         self.core_of[name], core_of[name])
         before = {index: self.users_of(index) for index in range(len(self.cores))}
         # Old host keys stop working at once; the cores catch up when the restarts are done.
         self.users, self.core_of = users, core_of

@@ -205,6 +205,8 @@ def test_rebalance_dry_run_then_running_server(tmp_path: Path) -> None:
         real = syncproxy("cores", "rebalance", "--data-dir", str(data_dir)).stdout
         assert "The running server applies it within seconds" in real
         assert assignment(data_dir) == {"u1": 0, "u2": 0, "u3": 1, "u4": 1}
+        wait_for(lambda: "user moved to another core user=u4 from_core=0 to_core=1"
+                 in server.log())
         wait_for(lambda: "sync core ready" in server.log()
                  and re.search(r"sync core ready pid=\d+ port=\d+ core=1", server.log()))
 
@@ -220,6 +222,20 @@ def test_rebalance_dry_run_then_running_server(tmp_path: Path) -> None:
         # The command only checks whether a server runs: that is no rejected request.
         assert "control request rejected" not in server.log()
     assert (data_dir / "collections" / "u4" / "collection.anki2").is_file()
+
+
+def test_cores_show_lists_users_without_core(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    add_user(data_dir, "u1", "u1-pw")
+    with SyncProxy(data_dir, "--cores", "2"):
+        pass
+    added = syncproxy("user", "add", "late", "--password-stdin", "--data-dir", str(data_dir),
+                      input="late-pw\n").stdout
+    shown = syncproxy("cores", "show", "--data-dir", str(data_dir)).stdout
+
+    assert "picks it up when it starts" in added
+    assert "core 0: 1 user(s)  u1" in shown
+    assert "no core yet: late" in shown
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "-1", "65"])
