@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .users import file_signature
+from .users import file_signature, write_json_file
 
 MAX_CORES = 64
 FORMAT = 1
@@ -162,14 +162,7 @@ class CoreAssignment:
         """Replace the file atomically; call it while holding `locked()`."""
         document = {"version": FORMAT, "cores": count,
                     "users": {name: users[name] for name in sorted(users)}}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        write_json_file(self.path, document)
 
     def update(self, names: Iterable[str], count: int
                ) -> tuple[dict[str, int], list[Move], list[str], int | None]:

@@ -163,6 +163,18 @@ class PendingUser:
         return verify_legacy_password(self.name, password, self.ankisyncd_hash)
 
 
+def write_json_file(path: Path, document: dict) -> None:
+    """Replace `path` with `document` as JSON, atomically, mode 0600, synced to disk."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 def file_signature(path: Path) -> tuple[int, int, int] | None:
     """Return a fingerprint of `path` that changes whenever the file is rewritten, or None."""
     try:
@@ -257,14 +269,7 @@ class UserStore:
                 | {"created": user.created}
                 for user in sorted(pending.values(), key=lambda user: user.name)
             }
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        write_json_file(self.path, document)
 
     def add(self, name: str, password: str) -> User:
         validate_name(name)
