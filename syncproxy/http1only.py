@@ -173,8 +173,8 @@ class Http1OnlyProtocol(H11Protocol):
         waiting_for_head = (self.stream is None and isinstance(self.connection, h11.Connection)
                             and self.connection.their_state is h11.IDLE)
         if timeout and event.data and waiting_for_head and self._head_deadline is None:
-            # A timer, not a task: most heads arrive in time, and a task per request cost more
-            # than the rest of the deadline's bookkeeping together.
+            # A timer, not a task: most heads arrive in time, and creating and cancelling a
+            # task for every request showed up in profiles of small requests.
             self._head_deadline = asyncio.get_running_loop().call_later(
                 timeout, self._head_deadline_passed)
 

@@ -109,9 +109,8 @@ class _TCPServer(TCPServer):
     """hypercorn's connection handler, with larger reads, quiet when a client leaves early."""
 
     async def _read_data(self) -> None:
-        # hypercorn's own loop, reading READ_BYTES instead of 64 KiB at a time: each read is
-        # parsed and passed on as one message, so an upload costs a quarter of the Python
-        # work per megabyte.
+        # hypercorn's own loop, reading READ_BYTES instead of 64 KiB at a time. Each read is
+        # parsed and passed on as one message, so an upload makes a quarter as many messages.
         while not self.reader.at_eof():
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_BYTES),

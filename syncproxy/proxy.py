@@ -445,22 +445,22 @@ async def relay_response(exchange: Exchange, response: httpx.Response) -> None:
     """
     headers = end_to_end(response.headers.raw, also_drop=SERVER_WRITTEN)
     chunks = response.aiter_raw()
-    held: list[bytes] = []
-    held_bytes = 0
+    prefix_chunks: list[bytes] = []
+    prefix_bytes = 0
     async for chunk in chunks:
-        held.append(chunk)
-        held_bytes += len(chunk)
-        if held_bytes > SMALL_RESPONSE_BYTES:
+        prefix_chunks.append(chunk)
+        prefix_bytes += len(chunk)
+        if prefix_bytes > SMALL_RESPONSE_BYTES:
             break
     else:
-        body = b"".join(held)
+        body = b"".join(prefix_chunks)
         if response.headers.get("content-length") is None and has_body(exchange, response):
             headers.append((b"content-length", str(len(body)).encode()))
         await exchange.start_response(response.status_code, headers)
         await exchange.send_last_body(body)
         return
     await exchange.start_response(response.status_code, headers)
-    await exchange.send_body(b"".join(held))
+    await exchange.send_body(b"".join(prefix_chunks))
     async for chunk in chunks:  # the same generator, resumed after the break
         await exchange.send_body(chunk)
     await exchange.end_response()

@@ -3,11 +3,11 @@
 httpcore talks to the network through a pluggable backend (`httpcore.AsyncNetworkBackend`). Its
 default on asyncio goes through anyio, which costs a cancel scope per read and write and a
 `getpeername` and `select` system call for every pooled connection whenever the pool looks for an
-idle one ("is_readable"). On loopback, with small sync requests, that was about a fifth of the
-forwarding time. This backend keeps the same interface on a plain asyncio protocol: reads come
+idle one ("is_readable"). On loopback, with small requests, a py-spy profile put that at about a
+fifth of the forwarding time. This backend keeps the same interface on a plain asyncio protocol: reads come
 from a buffer the event loop fills, and "is_readable" is a look at that buffer.
 
-HTTP itself stays with httpcore and h11; this module moves bytes only.
+HTTP itself stays with httpcore and h11. This module only moves bytes.
 """
 
 from __future__ import annotations

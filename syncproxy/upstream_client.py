@@ -8,7 +8,7 @@ pools, each request taking the least busy one, keep every scan short, and the po
 
 Requests go to httpx's transport directly, not through `httpx.AsyncClient`: a forwarding proxy
 needs none of the client's layers (authentication, redirects, cookies, default headers), and
-they cost about a tenth of the forwarding time. Without the client no cookie jar exists, so one
+a py-spy profile put them at about a tenth of the forwarding time. Without the client no cookie jar exists, so one
 user's Set-Cookie can never reach another.
 """
 
