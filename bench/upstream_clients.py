@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -87,10 +88,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     names = ["httpx, as syncproxy uses it", "httpx.AsyncClient, defaults"]
-    try:
-        import aiohttp  # noqa: F401
+    if importlib.util.find_spec("aiohttp") is not None:
         names.append("aiohttp.ClientSession")
-    except ImportError:
+    else:
         print("aiohttp is not installed: measuring httpx only", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="syncproxy-bench-") as temporary:

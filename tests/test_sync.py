@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import ssl
 import subprocess
@@ -11,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import zstandard
 
 from support import AnkiClient, SyncProxy, add_user, clean_environment, free_port
